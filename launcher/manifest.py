@@ -1,0 +1,100 @@
+"""The run manifest: versions, git revision, command, seed, plan, status. Secrets never reach it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.I)
+PACKAGES = ("torch", "transformers", "trl", "peft", "deepspeed", "accelerate", "bitsandbytes", "datasets")
+
+
+def _secret_values() -> list[str]:
+    return [v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 6]
+
+
+def redact(value, key: str = ""):
+    """Replace secrets in nested data: values under secret-looking keys, and any secret env value inside strings."""
+    if key and SECRET_KEY.search(key) and value not in (None, "", False):
+        return "***"
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        for secret in _secret_values():
+            value = value.replace(secret, "***")
+        if "=" in value:  # key=value on a command line
+            k, _, v = value.partition("=")
+            if SECRET_KEY.search(k.split(".")[-1]) and v:
+                value = f"{k}=***"
+    return value
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=5)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(redact(data), indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def read_manifest(output_dir: Path) -> dict | None:
+    path = Path(output_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_manifest(output_dir: Path, cfg, plan, argv: list[str], status: str, world_size: int) -> None:
+    from launcher.config import to_yaml_dict
+
+    previous = read_manifest(output_dir) or {}
+    data = {
+        "recipe": cfg.name,
+        "method": cfg.method,
+        "status": status,
+        "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": [sys.argv[0], *argv],
+        "seed": cfg.seed,
+        "world_size": world_size,
+        "git_revision": _git_revision(),
+        "versions": _versions(),
+        "config": to_yaml_dict(cfg),
+        "plan": plan.to_json() if hasattr(plan, "to_json") else plan,
+        "attempts": previous.get("attempts", 0) + 1,
+        "metrics": previous.get("metrics"),
+    }
+    _write_atomic(Path(output_dir) / "manifest.json", data)
+
+
+def update_manifest(output_dir: Path, **fields) -> None:
+    data = read_manifest(output_dir) or {}
+    data.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _write_atomic(Path(output_dir) / "manifest.json", data)

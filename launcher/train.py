@@ -1,0 +1,209 @@
+"""One run, on one rank: recipe -> plan -> DeepSpeed config -> recipe's trainer -> save -> manifest -> summary.
+
+Every rank executes this same code with the same inputs, so every rank computes the same plan; only rank 0 writes
+files. Side effects live here; the planning core it calls is pure.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.config import load_recipe, to_yaml_dict
+from launcher.errors import PlanDoesNotFit, UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIG_DIR = Path(os.environ.get("FTLAUNCH_DS_CONFIG_DIR", REPO_ROOT / "ds_configs"))
+METHOD_MODULES = {"sft": "sft", "qlora": "qlora", "rm": "rm", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo",
+                  "classify": "classify"}
+PREEMPTED_EXIT_CODE = 143  # what a SIGTERM'd process returns: the sbatch scripts requeue on it
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    launched: bool = False  # started by deepspeed/torchrun/srun launcher: train through the DeepSpeed engine
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, local_rank_arg: int | None = None) -> "DistEnv":
+        launched = "LOCAL_RANK" in os.environ or local_rank_arg is not None
+        return cls(rank=int(os.environ.get("RANK", 0)),
+                   local_rank=int(os.environ.get("LOCAL_RANK", local_rank_arg or 0)),
+                   world_size=int(os.environ.get("WORLD_SIZE", 1)), launched=launched)
+
+
+@dataclass
+class RunContext:
+    """What a recipe module gets: validated config, the plan, and where things go."""
+
+    cfg: object
+    plan: object
+    env: DistEnv
+    ds_config: dict | None
+    output_dir: Path
+    callbacks: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # data counts etc., shown in the summary
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="ftlaunch run", description="Plan and run a fine-tuning recipe.")
+    parser.add_argument("--recipe", help="a shipped recipe name (see `ftlaunch recipes`)")
+    parser.add_argument("--config", help="a recipe YAML file of your own")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--resume", default="auto",
+                        help="auto (newest complete checkpoint in output_dir), never, or a checkpoint path")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--verbose", action="store_true", help="log from every rank, not only rank 0")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.max_steps=20")
+    return parser.parse_args(argv)
+
+
+def make_plan(cfg, env: DistEnv):
+    from launcher.inventory import detect_inventory
+    from launcher.planner import plan as plan_memory, request_from_recipe
+    from launcher.shapes import resolve_shape
+
+    inventory = detect_inventory(spec=None)
+    shape = resolve_shape(cfg.model.name, cfg.model.tiny)
+    plan = plan_memory(request_from_recipe(cfg), inventory, shape)
+    if not plan.fits:
+        raise PlanDoesNotFit(plan.reason)
+    return plan
+
+
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    from launcher.checkpoints import newest_complete_checkpoint
+
+    return newest_complete_checkpoint(output_dir)
+
+
+def quiet_other_ranks(env: DistEnv, verbose: bool) -> None:
+    """Rank 0 talks; the others only on errors (unless --verbose)."""
+    if env.is_main or verbose:
+        return
+    import logging
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def write_run_files(ctx: RunContext, argv: list[str]) -> None:
+    from launcher.manifest import write_manifest
+
+    out = ctx.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(_yaml(to_yaml_dict(ctx.cfg)))
+    if ctx.ds_config is not None:
+        text = json.dumps(ctx.ds_config, indent=2)
+        (out / "ds_config.json").write_text(text)
+        DS_CONFIG_DIR.mkdir(parents=True, exist_ok=True)
+        (DS_CONFIG_DIR / f"{ctx.cfg.name}-{out.name}.json").write_text(text)
+    write_manifest(out, ctx.cfg, ctx.plan, argv, status="running", world_size=ctx.env.world_size)
+
+
+def _yaml(data) -> str:
+    import yaml
+
+    from launcher.manifest import redact
+
+    return yaml.safe_dump(redact(data), sort_keys=False)
+
+
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    cfg = load_recipe(args.recipe, args.config, args.overrides)
+    env = DistEnv.from_env(args.local_rank)
+    plan = make_plan(cfg, env)
+    from launcher.ds_config import deepspeed_config
+
+    ds = deepspeed_config(plan) if env.launched else None
+    out = Path(cfg.output_dir)
+    existed = out.exists() and any(out.iterdir())
+    ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=out)
+    module = importlib.import_module(f"recipes.{METHOD_MODULES[cfg.method]}")
+    try:
+        return _run(ctx, module, args, argv)
+    except UserError:
+        if env.is_main and not existed and out.exists():  # nothing half-written
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
+    from launcher.manifest import read_manifest, update_manifest
+    from recipes import common
+
+    env, out = ctx.env, ctx.output_dir
+    previous = read_manifest(out)
+    if previous and previous.get("status") == "finished" and args.resume != "never":
+        if env.is_main:
+            print(f"ftlaunch: {out} already holds a finished run; nothing to do (use a new output_dir, "
+                  f"or --resume never to train again)")
+        return 0
+    quiet_other_ranks(env, args.verbose)
+    common.seed_everything(ctx.cfg.seed)
+    resume = None
+    if args.resume == "auto":
+        resume = newest_checkpoint(out)
+    elif args.resume != "never":
+        resume = Path(args.resume)
+        if not resume.is_dir():
+            raise UserError(f"--resume {args.resume}: no such checkpoint directory")
+
+    started = time.time()
+    trainer, evaluator = module.build(ctx)  # loads data and model; bad data fails here, before any file is written
+    ctx.callbacks.extend(common.default_callbacks(ctx, trainer))
+    for callback in ctx.callbacks:
+        trainer.add_callback(callback)
+    if env.is_main:
+        write_run_files(ctx, argv)
+        common.print_start(ctx, trainer, resume)
+    before = evaluator("before") if (evaluator and env.is_main and resume is None) else None
+    if before is None and previous:
+        before = (previous.get("metrics") or {}).get("before")
+
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as exc:
+        if env.is_main:
+            update_manifest(out, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    preempted = any(getattr(cb, "preempted", False) for cb in ctx.callbacks)
+    stopped = next((cb.stop_reason for cb in ctx.callbacks if getattr(cb, "stop_reason", None)), None)
+    if preempted:
+        if env.is_main:
+            update_manifest(out, status="preempted", step=trainer.state.global_step)
+            print(f"ftlaunch: preempted at step {trainer.state.global_step}; checkpoint saved, exiting for requeue")
+        return PREEMPTED_EXIT_CODE
+    if stopped:
+        if env.is_main:
+            update_manifest(out, status="failed", step=trainer.state.global_step, error=stopped)
+        raise common.TrainingDiverged(stopped)
+
+    eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    trainer.save_model(str(out))
+    if env.is_main and getattr(trainer, "processing_class", None) is not None:
+        trainer.processing_class.save_pretrained(str(out))
+    after = evaluator("after") if (evaluator and env.is_main) else None
+    if env.is_main:
+        metrics = common.collect_metrics(trainer, result, eval_metrics, before, after, time.time() - started)
+        metrics["data"] = ctx.stats
+        update_manifest(out, status="finished", step=trainer.state.global_step, metrics=metrics)
+        common.print_summary(ctx, trainer, metrics)
+    return 0

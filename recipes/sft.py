@@ -1,0 +1,34 @@
+"""SFT with TRL's SFTTrainer: full fine-tuning, or adapters (LoRA, DoRA, prompt tuning, prefix tuning) via peft.
+
+Data: prompt/completion (loss on the completion only), chat messages (loss on assistant turns), or plain text.
+"""
+from __future__ import annotations
+
+from recipes import builder, common
+
+DATA_KIND = "sft"
+
+
+def build(ctx):
+    from trl import SFTConfig, SFTTrainer
+
+    from recipes.data import load_data
+
+    cfg, plan = ctx.cfg, ctx.plan
+    path = builder.model_path(cfg)
+    tokenizer = builder.load_tokenizer(cfg, path)
+    bundle = load_data(cfg.data, DATA_KIND, tokenizer, seed=cfg.seed)
+    ctx.stats.update(bundle.stats)
+    has_eval = bundle.eval is not None and len(bundle.eval) > 0
+    args = common.make_args(SFTConfig, common.training_kwargs(
+        ctx, max_length=cfg.data.max_length, packing=cfg.data.packing,
+        eval_strategy="no", dataset_num_proc=None))
+    model = builder.load_model(cfg, plan, path)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=bundle.train,
+                         eval_dataset=bundle.eval if has_eval else None, processing_class=tokenizer,
+                         peft_config=builder.peft_config(cfg))
+    evaluator = None
+    if has_eval and "prompt" in bundle.eval.column_names and isinstance(bundle.eval[0]["prompt"], str):
+        evaluator = common.exact_match_evaluator(
+            ctx, bundle.eval.to_list(), lambda when: builder.load_for_eval(cfg, plan, path, ctx.output_dir, when))
+    return trainer, evaluator
