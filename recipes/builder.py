@@ -31,21 +31,16 @@ def tiny_model_dir(overrides: dict | None, seed: int) -> Path:
 
     Every rank and every quantised load then goes through the normal `from_pretrained` path.
     """
-    from recipes.tiny import tiny_model_config, tiny_tokenizer
+    from recipes.tiny import tiny_model, tiny_tokenizer
 
     key = hashlib.sha256(json.dumps({"o": overrides or {}, "s": seed, "v": 1}, sort_keys=True).encode()).hexdigest()
     final = cache_dir() / "models" / f"tiny-{key[:16]}"
     if (final / "config.json").exists():
         return final
-    import torch
-    from transformers import LlamaForCausalLM
-
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
     tokenizer = tiny_tokenizer()
-    config = tiny_model_config(tokenizer, **(overrides or {}))
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = tiny_model(tokenizer, seed=seed, **(overrides or {}))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _publish_dir(tmp, final)

@@ -5,7 +5,6 @@ import dataclasses
 import difflib
 import math
 import random
-import sys
 
 from launcher.errors import UserError
 
@@ -65,8 +64,9 @@ def training_kwargs(ctx, **method_defaults) -> dict:
         save_total_limit=cfg.safety.keep_checkpoints,
         report_to=["tensorboard"],
         dataloader_num_workers=0,
-        # Our ProgressPrinter writes one line per log; tqdm only where a person watches a terminal.
-        disable_tqdm=not (ctx.env.is_main and sys.stdout.isatty()),
+        # Our ProgressPrinter writes one readable line per log (step, loss, lr, tok/s, ETA) in terminals and
+        # Slurm logs alike; tqdm bars garble the latter.
+        disable_tqdm=True,
         logging_nan_inf_filter=False,  # a NaN loss must be seen (HealthGuard), not averaged away
         include_num_input_tokens_seen=True,
     )
@@ -92,7 +92,11 @@ def make_args(config_cls, kwargs: dict):
 
 
 def default_callbacks(ctx, trainer) -> list:
+    from transformers.trainer_callback import PrinterCallback
+
     from recipes.callbacks import HealthGuard, ProgressPrinter
+
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressPrinter replaces them
 
     callbacks = [HealthGuard(ctx.cfg.safety), ProgressPrinter(ctx)]
     try:
@@ -126,6 +130,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
 def exact_match_evaluator(ctx, eval_rows: list[dict], model_loader):
     """Evaluator for prompt/completion tasks: exact match of the greedy answer, plus a few sample generations."""
+    from recipes.synthetic import exact_match
+
     cfg = ctx.cfg
     rows = eval_rows[: cfg.eval.num_examples]
     if not rows:
@@ -134,7 +140,7 @@ def exact_match_evaluator(ctx, eval_rows: list[dict], model_loader):
     def evaluate(when: str) -> dict:
         model, tokenizer = model_loader(when)
         predictions = generate(model, tokenizer, [r["prompt"] for r in rows], cfg.eval.max_new_tokens)
-        hits = [p.strip() == str(r["completion"]).strip() for p, r in zip(predictions, rows)]
+        hits = [exact_match(p, r["completion"]) for p, r in zip(predictions, rows)]
         samples = [{"prompt": r["prompt"], "expected": str(r["completion"]).strip(), "generated": p.strip()}
                    for p, r in zip(predictions[: cfg.eval.samples], rows)]
         del model
@@ -191,7 +197,7 @@ def print_summary(ctx, trainer, metrics: dict) -> None:
     table.add_row("ranks (trainer world size)", str(metrics["world_size"]))
     table.add_row("train loss first -> last", f"{_fmt(metrics['train_loss_first'])} -> {_fmt(metrics['train_loss_last'])}")
     for key, value in metrics["eval"].items():
-        if key.startswith("eval_") and not key.endswith(("_runtime", "per_second")):
+        if key in ("eval_loss", "eval_mean_token_accuracy", "eval_accuracy", "eval_f1_macro"):
             table.add_row(key.replace("_", " "), _fmt(value))
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     for key in sorted(set(before) | set(after)):

@@ -1,0 +1,55 @@
+"""`ftlaunch runs [DIR]`: past runs under DIR (default runs/) from their manifest.json files."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from launcher.checkpoints import newest_complete_checkpoint
+
+
+def find_runs(root: Path) -> list[dict]:
+    rows = []
+    for manifest in sorted(root.rglob("manifest.json")):
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        metrics = data.get("metrics") or {}
+        evals = metrics.get("eval") or {}
+        best = metrics.get("after") or {}
+        step = data.get("step")
+        if step is None:
+            ckpt = newest_complete_checkpoint(manifest.parent)
+            step = int(ckpt.name.split("-")[1]) if ckpt else 0
+        score = next((f"{k}={v:.3f}" for k, v in best.items() if isinstance(v, float)), None)
+        if score is None and "eval_loss" in evals:
+            score = f"eval_loss={evals['eval_loss']:.4f}"
+        rows.append({"recipe": data.get("recipe"), "method": data.get("method"), "status": data.get("status"),
+                     "step": step, "best": score or "-", "updated": data.get("updated"),
+                     "path": str(manifest.parent)})
+    return rows
+
+
+def cmd_runs(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ftlaunch runs", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", nargs="?", default="runs")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = find_runs(Path(args.dir))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs under {args.dir}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"runs under {args.dir}")
+    for column in ("recipe", "method", "status", "step", "best", "updated", "path"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("recipe", "method", "status", "step", "best", "updated", "path")))
+    Console().print(table)
+    return 0

@@ -1,0 +1,94 @@
+"""Foundation: the tiny SFT/LoRA/QLoRA recipes train for real (TRL + bitsandbytes), outputs reload exactly, and the
+real `deepspeed` launcher runs ZeRO-2 and ZeRO-3 across 2 CPU ranks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import deepspeed_cmd, manifest, run_cli, run_inprocess
+
+FAST = ["data.num_examples=256", "eval.num_examples=16", "training.logging_steps=2", "training.save_steps=1000",
+        "plan.global_batch_size=16"]
+
+
+@pytest.mark.parametrize("recipe", ["sft_tiny", "lora_tiny", "qlora_tiny"])
+def test_tiny_recipe_trains_and_loss_falls(recipe, tmp_path):
+    out = tmp_path / recipe
+    assert run_inprocess("run", "--recipe", recipe, f"output_dir={out}", "training.max_steps=12", *FAST) == 0
+    m = manifest(out)
+    metrics = m["metrics"]
+    assert m["status"] == "finished" and metrics["global_step"] == 12 and metrics["world_size"] == 1
+    assert metrics["train_loss_last"] < metrics["train_loss_first"] - 0.5, metrics
+    assert 0.0 <= metrics["after"]["exact_match"] <= 1.0 and metrics["before"]["n"] == 16
+    assert (out / "recipe.yaml").exists() and (out / "tokenizer.json").exists()
+    weights = "adapter_model.safetensors" if recipe != "sft_tiny" else "model.safetensors"
+    assert (out / weights).exists()
+    if recipe == "qlora_tiny":
+        adapter = json.loads((out / "adapter_config.json").read_text())
+        targets = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
+        assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert list((out).glob("**/events.out.tfevents*")), "tensorboard events are written by default"
+
+
+def _trained_in_memory(recipe: str, out: Path):
+    """Build and train through the recipe module directly, to compare the in-memory model with what was saved."""
+    from launcher.config import load_recipe
+    from launcher.train import DistEnv, RunContext, make_plan
+    from recipes import sft
+
+    cfg = load_recipe(recipe, overrides=[f"output_dir={out}", "training.max_steps=6", *FAST])
+    ctx = RunContext(cfg=cfg, plan=make_plan(cfg, DistEnv()), env=DistEnv(), ds_config=None, output_dir=out)
+    trainer, _ = sft.build(ctx)
+    trainer.train()
+    trainer.save_model(str(out))
+    return trainer, cfg, ctx.plan
+
+
+@pytest.mark.parametrize("recipe", ["lora_tiny", "qlora_tiny"])
+def test_saved_adapter_reloads_with_identical_logits(recipe, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from recipes.builder import quantization_config
+
+    out = tmp_path / "out"
+    trainer, cfg, plan = _trained_in_memory(recipe, out)
+    # accelerate wraps forward (autocast, fp32 conversion); unwrap it to see the trained weights alone
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+    ids = torch.tensor([[1, 20, 21, 22, 23, 24, 25, 26]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                quantization_config=quantization_config(cfg, plan))
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    # LoRA reloads bit-identically. QLoRA: adapter and 4-bit base weights reload bit-identically (checked by hand),
+    # yet bitsandbytes' CPU 4-bit forward after `prepare_model_for_kbit_training` differs by ~6e-4 on logits of
+    # magnitude ~2; we accept 2e-3 there until that is pinned down.
+    tolerance = 0.0 if recipe == "lora_tiny" else 2e-3
+    assert (got - expected).abs().max().item() <= tolerance
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,stage", [("lora_tiny", 2), ("sft_tiny", 3)])
+def test_two_rank_deepspeed_zero(recipe, stage, tmp_path):
+    """The real `deepspeed --num_gpus 2` launcher: 2 CPU ranks with gloo, ZeRO-2 and ZeRO-3 through HF/TRL."""
+    out = tmp_path / "out"
+    ds_dir = tmp_path / "ds_configs"
+    result = run_cli("--recipe", recipe, f"output_dir={out}", f"plan.zero_stage={stage}", "training.max_steps=4",
+                     *FAST, launcher=deepspeed_cmd(2), env={"FTLAUNCH_DS_CONFIG_DIR": str(ds_dir)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    m = manifest(out)
+    assert m["status"] == "finished" and m["metrics"]["world_size"] == 2, "both ranks must be in one trainer"
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == stage
+    assert json.loads(next(ds_dir.glob("*.json")).read_text()) == ds, "rank 0 also writes ds_configs/"
+    assert ds["train_batch_size"] == 16 == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    weights = "model.safetensors" if recipe == "sft_tiny" else "adapter_model.safetensors"
+    assert (out / weights).exists(), "ZeRO-3 gathers 16-bit weights on save: a loadable HF model"
+    assert result.stdout.count("ftlaunch summary") == 1, "only rank 0 reports"
