@@ -75,7 +75,9 @@ def make_plan(cfg, env: DistEnv):
     from launcher.planner import plan as plan_memory, request_from_recipe
     from launcher.shapes import resolve_shape
 
-    inventory = detect_inventory(spec=None)
+    # Without a launcher this is one process, even on a machine with several GPUs (NVML would count them all).
+    env_vars = dict(os.environ) if env.launched else {**os.environ, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    inventory = detect_inventory(spec=None, env=env_vars)
     shape = resolve_shape(cfg.model.name, cfg.model.tiny)
     plan = plan_memory(request_from_recipe(cfg), inventory, shape)
     if not plan.fits:

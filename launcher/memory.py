@@ -1,0 +1,208 @@
+"""Bytes per rank for one training configuration. Pure arithmetic on ModelShape; no torch.
+
+Sources of the formulas:
+- model states: ZeRO (Rajbhandari et al. 2020, "2Ψ + 2Ψ + KΨ") as DeepSpeed itself estimates them in
+  `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` (stage_1_and_2.py, stage3.py):
+  16-bit params 2 B, 16-bit grads 2 B (transient under ZeRO-3), fp32 grads 4 B, fp32 master 4 B, Adam 8 B;
+  ZeRO-3 also holds the largest layer gathered (4 B/param); offloaded host states carry a 1.5x buffer factor.
+  tests/test_planner.py checks this file against those functions.
+- activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation", §4.1), s·b·h·(34 + 5·a·s/h) bytes per
+  GPT layer in 16-bit, re-derived here for a Llama block (gated MLP, GQA, RoPE): elements kept per token per layer
+  4h + 3·q_dim + 3·kv_dim + 4·I; the 5·a·s attention-matrix term only with eager attention (SDPA/flash keep none).
+  Full recompute keeps the layer input (h per token) per layer plus one layer's full activations.
+- logits: b·s·V in 16-bit, the fp32 upcast HF's loss makes, and its fp32 gradient / log-softmax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from launcher.shapes import ModelShape
+
+GiB = 1024 ** 3
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+NF4_DOUBLE_QUANT_BYTES = 0.516  # 4-bit weights + 8-bit block scales (blocks of 64) + second-level scales
+OFFLOAD_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for pinned host buffers
+CUDA_RUNTIME_BYTES = 1 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers
+CPU_RUNTIME_BYTES = 1 * GiB  # python + torch + transformers resident set of a CPU rank
+HOST_PROCESS_BYTES = 2 * GiB  # host RAM every GPU rank's process needs besides offloaded states
+FRAGMENTATION = 0.05  # caching-allocator margin on top of what tensors need
+LOAD_SHARD_BYTES = 5 * GiB  # from_pretrained materialises one safetensors shard at a time when it can
+BUCKET_CAP = 200_000_000  # elements; DeepSpeed's reduce/allgather buckets, sized hidden² like HF's "auto"
+
+# Optimizer state bytes per trainable parameter (without the fp32 master copy), by HF `optim` name.
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adam": 8.0, "8bit": 2.0, "lion": 4.0, "lion_8bit": 1.0,
+                         "adafactor": 0.5, "sgd": 0.0, "rmsprop": 4.0, "adagrad": 4.0}
+LORA_ALIASES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "dense": "o_proj", "gate": "gate_proj",
+                "up": "up_proj", "down": "down_proj", "fc1": "up_proj", "fc2": "down_proj"}
+
+
+def optimizer_state_bytes(optim: str) -> float:
+    """HF `optim` name -> state bytes per param: adamw_torch 8, adamw_8bit / paged_adamw_8bit 2, paged 32-bit 8."""
+    name = (optim or "adamw_torch").lower()
+    if "lion" in name:
+        return OPTIMIZER_STATE_BYTES["lion_8bit" if "8bit" in name else "lion"]
+    if "8bit" in name:
+        return OPTIMIZER_STATE_BYTES["8bit"]
+    for key in ("adafactor", "sgd", "rmsprop", "adagrad", "adam"):
+        if key in name:
+            return OPTIMIZER_STATE_BYTES[key]
+    return OPTIMIZER_STATE_BYTES["adamw"]  # unknown names: assume Adam-like, the common worst case
+
+
+def lora_modules(shape: ModelShape, targets: Union[str, list, tuple, None]) -> dict[str, tuple[int, int]]:
+    """The block's linear layers LoRA wraps. 'all-linear' = q,k,v,o,gate,up,down (PEFT excludes lm_head)."""
+    shapes = shape.linear_shapes()
+    if targets is None or targets == "all-linear" or targets == ["all-linear"]:
+        return shapes
+    names = [targets] if isinstance(targets, str) else list(targets)
+    chosen = {}
+    for name in names:
+        key = LORA_ALIASES.get(name, name)
+        # Unknown module names cost like a square hidden x hidden layer: small next to the base, never zero.
+        chosen[key] = shapes.get(key, (shape.hidden, shape.hidden))
+    return chosen
+
+
+def lora_params(shape: ModelShape, r: int, targets) -> int:
+    """LoRA adds A (r x in) and B (out x r) per wrapped layer per block."""
+    return shape.layers * sum(r * (fan_in + fan_out) for fan_in, fan_out in lora_modules(shape, targets).values())
+
+
+def frozen_weight_bytes(shape: ModelShape, params: int, element_bytes: int, quantized: bool) -> float:
+    """Frozen base weights: 16-bit (or fp32 on CPU), or NF4 for the block linears under QLoRA.
+
+    QLoRA leaves embeddings, lm_head and norms in 16-bit; only the decoder blocks' linears are 4-bit.
+    """
+    if not quantized:
+        return params * element_bytes
+    linear = shape.layers * shape.linear_params_per_layer
+    return linear * NF4_DOUBLE_QUANT_BYTES + (params - linear) * element_bytes
+
+
+@dataclass
+class ModelStates:
+    """One model's share on one rank, plus what it parks in host RAM (per rank, before the buffer factor)."""
+
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    host: float = 0.0
+
+    def __add__(self, other: "ModelStates") -> "ModelStates":
+        return ModelStates(self.weights + other.weights, self.gradients + other.gradients,
+                           self.optimizer + other.optimizer, self.host + other.host)
+
+    @property
+    def gpu(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+
+def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_bytes: float, zero_stage: int,
+                 dp: int, offload_optimizer: bool = False, offload_param: bool = False,
+                 largest_layer: int = 0, partition_frozen: bool = True, deepspeed: bool = True) -> ModelStates:
+    """ZeRO partitioning of one model over `dp` data-parallel ranks.
+
+    stage 1 splits master weights + optimizer states, stage 2 also gradients, stage 3 also the 16-bit weights
+    (frozen ones too, unless `partition_frozen` is False: a replicated inference copy).
+    `deepspeed=False` is a single process under torch autocast: trainable weights and grads in fp32, no separate
+    master copy (what PEFT does with adapters too: it keeps them fp32 over a 16-bit base).
+    """
+    e = ELEMENT_BYTES[precision]
+    mixed = e == 2
+    if not deepspeed:
+        return ModelStates(trainable * 4 + frozen_bytes, trainable * 4, trainable * state_bytes, 0.0)
+    weight16 = trainable * e
+    # Mixed precision keeps 16-bit grads (not under ZeRO-3: reduce-scattered straight into fp32) + fp32 grads.
+    grads = trainable * ((0 if zero_stage == 3 else 2) + 4) if mixed else trainable * 4
+    optim = trainable * ((4 if mixed else 0) + state_bytes)  # fp32 master copy only with mixed precision
+    split = max(1, dp)
+    if zero_stage >= 1:
+        optim /= split
+    if zero_stage >= 2:
+        grads /= split
+    if zero_stage == 3:
+        weights = (weight16 + frozen_bytes) / split if partition_frozen else weight16 / split + frozen_bytes
+        weights += 4 * largest_layer  # the gathered layer (16-bit params + grads), DeepSpeed's largest_layer_memory
+    else:
+        weights = weight16 + frozen_bytes
+    host = 0.0
+    if offload_optimizer and trainable:
+        # Master weights, optimizer states and the fp32 gradient partition live on the host; under ZeRO-2/3 the
+        # 16-bit grads only stream through the buckets (counted in "other"), ZeRO-1 keeps them whole on the GPU.
+        host += optim + trainable * 4 / split
+        grads = trainable * 2 if (zero_stage == 1 and mixed) else 0.0
+        optim = 0.0
+    if offload_param and zero_stage == 3:
+        resident = 4 * largest_layer
+        host += weights - resident
+        weights = resident
+    return ModelStates(weights, grads, optim, host)
+
+
+def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, checkpointing: bool,
+                     precision: str = "bf16", attention: str = "sdpa", lora_r: int = 0, lora_targets=None,
+                     sequences: int = 1) -> float:
+    """Activations kept for backward across the whole model, for one micro-batch (`sequences` per example)."""
+    e = ELEMENT_BYTES[precision]
+    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    gated = shape.arch == "decoder"
+    per_token = e * (4 * h + 3 * q + 3 * kv + (4 * i if gated else 2 * i))
+    if attention == "eager":
+        per_token += 5 * shape.heads * seq_len * e / 2  # scores, softmax, dropout mask (Korthikanti's 5as/h)
+    if lora_r:
+        per_token += e * sum(fan_in + lora_r for fan_in, _ in lora_modules(shape, lora_targets).values())
+    tokens = seq_len * micro_batch * sequences
+    layer = per_token * tokens
+    if checkpointing:
+        return shape.layers * e * h * tokens + layer  # layer inputs + one layer being recomputed
+    return shape.layers * layer + 3 * e * h * tokens  # + embedding output and final norm
+
+
+def logits_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, precision: str = "bf16",
+                 sequences: int = 1, lm_head: bool = True) -> float:
+    """lm_head output + fp32 upcast for the loss + fp32 grad; nothing for classification heads."""
+    if not lm_head:
+        return 0.0
+    e = ELEMENT_BYTES[precision]
+    per_element = e + 4 + 4 if e == 2 else 8
+    return seq_len * micro_batch * sequences * shape.vocab * per_element
+
+
+def kv_cache_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, precision: str = "bf16") -> float:
+    """Generation (PPO/GRPO rollouts) keeps K and V of every layer."""
+    return 2 * shape.layers * shape.kv_dim * seq_len * micro_batch * ELEMENT_BYTES[precision]
+
+
+def bucket_elements(hidden: int) -> int:
+    return int(min(hidden * hidden, BUCKET_CAP))
+
+
+def runtime_bytes(*, device: str, zero_stage: int, hidden: int, precision: str, dp: int) -> float:
+    """Fixed per-rank overhead: runtime + DeepSpeed communication buckets."""
+    e = ELEMENT_BYTES[precision]
+    fixed = CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
+    bucket = bucket_elements(hidden) * e
+    if zero_stage == 3:
+        return fixed + 1.9 * bucket  # prefetch (0.9 h²) + reduce bucket
+    if zero_stage in (1, 2) and dp > 1:
+        return fixed + 4.5 * 2 * bucket  # overlap_comm keeps ~4.5x the reduce + allgather buckets (DeepSpeed docs)
+    return fixed
+
+
+def host_bytes_per_node(*, ranks_per_node: int, offloaded_per_rank: float, load_per_rank: float) -> float:
+    """Host RAM one node needs: processes + max(loading the checkpoint, pinned offloaded states)."""
+    offloaded = OFFLOAD_BUFFER_FACTOR * offloaded_per_rank * ranks_per_node
+    return ranks_per_node * HOST_PROCESS_BYTES + max(offloaded, load_per_rank * ranks_per_node)
+
+
+def load_bytes_per_rank(params: int, zero_stage: int, quantized: bool) -> float:
+    """Host bytes while from_pretrained runs: whole 16-bit model per rank, or one shard (zero.Init / QLoRA)."""
+    full = 2.0 * params
+    return min(full, LOAD_SHARD_BYTES) if (zero_stage == 3 or quantized) else full
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "?"
+    return f"{n / GiB:.1f} GiB"

@@ -1,0 +1,176 @@
+"""`ftlaunch plan` and `ftlaunch inventory`: show the plan a recipe would get, without loading torch or a model."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from launcher.errors import UserError
+from launcher.memory import GiB, fmt_bytes
+
+EXIT_DOES_NOT_FIT = 3
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftlaunch plan", description=(
+        "Show the memory plan (ZeRO stage, offload, micro-batch, checkpointing) and DeepSpeed config a recipe gets. "
+        "Exit 3 when nothing fits."))
+    p.add_argument("--recipe", help="a shipped recipe name (see `ftlaunch recipes`)")
+    p.add_argument("--config", help="a recipe YAML file of your own")
+    p.add_argument("--model", help="without a recipe: hub id, built-in card or local dir with config.json")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="full", help="without a recipe")
+    p.add_argument("--seq-len", type=int, default=2048, help="without a recipe (default 2048)")
+    p.add_argument("--global-batch", type=int, default=16, help="without a recipe (default 16)")
+    p.add_argument("--lora-r", type=int, default=16, help="without a recipe (default 16)")
+    p.add_argument("--optim", default="adamw_torch", help="without a recipe: HF optim name (default adamw_torch)")
+    p.add_argument("--inventory", help="what-if hardware, e.g. 1xRTX3090-24GB, 8xA100-40GB, 4x8xH100-80GB, 2xcpu")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
+    p.add_argument("--offload", choices=["none", "optimizer", "all"])
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"])
+    p.add_argument("--memory-fraction", type=float)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--ds-config", action="store_true", help="also print the DeepSpeed JSON")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.max_length=4096 peft.r=64")
+    return p
+
+
+def _pins(args) -> dict:
+    pins = {"zero_stage": args.zero_stage, "offload": args.offload, "micro_batch_size": args.micro_batch,
+            "gradient_checkpointing": None if args.gradient_checkpointing is None
+            else args.gradient_checkpointing == "on", "memory_fraction": args.memory_fraction}
+    return {k: v for k, v in pins.items() if v is not None}
+
+
+def build_plan(args):
+    """(plan, inventory) from parsed arguments: a recipe, or --model/--method."""
+    from launcher.inventory import detect_inventory
+    from launcher.planner import PlanRequest, plan, request_from_recipe
+    from launcher.shapes import resolve_shape
+
+    pins = _pins(args)
+    if args.recipe or args.config:
+        from launcher.config import load_recipe
+
+        overrides = list(args.overrides)
+        for key, value in pins.items():  # through the recipe loader, so the same validation applies
+            overrides.append(f"plan.{key}={json.dumps(value) if isinstance(value, bool) else value}")
+        cfg = load_recipe(args.recipe, args.config, overrides)
+        request = request_from_recipe(cfg)
+        spec = args.inventory or cfg.plan.inventory
+    else:
+        if not args.model:
+            raise UserError("ftlaunch plan: give --recipe NAME (or --config FILE), or --model NAME --method METHOD")
+        if args.overrides:
+            raise UserError(f"ftlaunch plan: key=value overrides ({args.overrides[0]}) need --recipe or --config")
+        for name, value in (("--seq-len", args.seq_len), ("--global-batch", args.global_batch),
+                            ("--lora-r", args.lora_r)):
+            if value < 1:
+                raise UserError(f"{name}: must be positive, got {value}")
+        request = PlanRequest(shape=resolve_shape(args.model), method=args.method, seq_len=args.seq_len,
+                              global_batch_size=args.global_batch, lora_r=args.lora_r, optimizer=args.optim, **pins)
+        spec = args.inventory
+    inventory = detect_inventory(spec)
+    return plan(request, inventory), inventory
+
+
+def cmd_plan(argv: list[str]) -> int:
+    args = _plan_parser().parse_args(argv)
+    result, inventory = build_plan(args)
+    from launcher.ds_config import deepspeed_config
+
+    ds = deepspeed_config(result) if result.fits else None
+    if args.json:
+        out = result.to_json()
+        out["deepspeed_config"] = ds
+        print(json.dumps(out, indent=2))
+    else:
+        print(render_plan(result))
+        if ds is not None and args.ds_config:
+            print("\nDeepSpeed config:")
+            print(json.dumps(ds, indent=2))
+    if not result.fits:
+        print(f"ftlaunch: does not fit: {result.reason}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    return 0
+
+
+def _label(plan_dict: dict) -> str:
+    parts = [f"ZeRO-{plan_dict['zero_stage']}"]
+    if plan_dict.get("offload", "none") != "none":
+        parts.append(f"offload {plan_dict['offload']}")
+    if plan_dict.get("zero_hpz"):
+        parts.append("hpZ")
+    if "gradient_checkpointing" in plan_dict:
+        parts.append("checkpointing " + ("on" if plan_dict["gradient_checkpointing"] else "off"))
+    if "micro_batch_size" in plan_dict:
+        parts.append(f"micro-batch {plan_dict['micro_batch_size']}")
+    return ", ".join(parts)
+
+
+def render_plan(plan) -> str:
+    """Human view: decision, per-rank breakdown against capacity, reasons, rejected alternatives."""
+    unit = "GPU" if plan.device == "cuda" else "CPU rank"
+    m = plan.model
+    lines = [f"plan: {plan.method} of {m.get('name')} ({m.get('params', 0) / 1e9:.2f}B params, "
+             f"{m.get('trainable_params', 0) / 1e6:.1f}M trainable) on {m.get('inventory')}",
+             f"seq_len {plan.seq_len}, global batch {plan.global_batch_size}, precision {plan.precision}", ""]
+    offload = {"none": "no offload", "optimizer": "optimizer offloaded to CPU",
+               "all": "optimizer and parameters offloaded to CPU"}[plan.offload]
+    head = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(f"{head}: ZeRO-{plan.zero_stage}, {offload}, gradient checkpointing "
+                 f"{'on' if plan.gradient_checkpointing else 'off'}, micro-batch {plan.micro_batch_size} x "
+                 f"accumulation {plan.gradient_accumulation_steps} x {plan.world_size} rank(s)"
+                 + (f", hpZ {plan.zero_hpz_partition_size}" if plan.zero_hpz_partition_size else "")
+                 + (f", bnb_4bit_quant_storage {plan.bnb_4bit_quant_storage}" if plan.bnb_4bit_quant_storage else ""))
+    lines.append(f"\nper {unit}:")
+    for key in ("weights", "gradients", "optimizer", "activations", "other"):
+        lines.append(f"  {key:<12}{plan.per_gpu_bytes.get(key, 0) / GiB:8.2f} GiB")
+    total = plan.per_gpu_bytes.get("total", 0)
+    lines.append(f"  {'total':<12}{total / GiB:8.2f} GiB of {plan.usable_bytes / GiB:.2f} usable "
+                 f"({plan.capacity_bytes / GiB:.2f} capacity)")
+    host_cap = f" of {fmt_bytes(plan.host_capacity_bytes)} usable" if plan.host_capacity_bytes else ""
+    lines.append(f"host RAM per node: {fmt_bytes(plan.host_bytes_per_node)}{host_cap}")
+    if plan.predicted_step_seconds is not None:
+        lines.append(f"predicted step time (relative): {plan.predicted_step_seconds:.3g} s")
+    if len(plan.models) > 1:
+        lines.append("\nmodels (per rank):")
+        for role, info in plan.models.items():
+            lines.append(f"  {role:<10} {info.get('placement', ''):<30} weights {fmt_bytes(info['weights'])}, "
+                         f"grads {fmt_bytes(info['gradients'])}, optimizer {fmt_bytes(info['optimizer'])}")
+    lines.append("\nwhy:")
+    lines += [f"  - {reason}" for reason in plan.reasons]
+    if plan.rejected:
+        lines.append("\nrejected:")
+        lines += [f"  - {_label(item['plan'])}: {item['reason']}" for item in plan.rejected]
+    return "\n".join(lines)
+
+
+def cmd_inventory(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ftlaunch inventory",
+                                     description="Show the GPUs, nodes and host resources ftlaunch sees.")
+    parser.add_argument("--inventory", help="a what-if spec to parse instead, e.g. 4x8xH100-80GB")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    from launcher.inventory import detect_inventory
+
+    inventory = detect_inventory(args.inventory)
+    if args.json:
+        print(json.dumps(inventory.to_json(), indent=2, default=list))
+        return 0
+    lines = [f"{inventory.describe()}: world size {inventory.world_size}, device {inventory.device}"]
+    for index, gpu in enumerate(inventory.local_gpus):
+        free = f", {fmt_bytes(gpu.free_bytes)} free" if gpu.free_bytes is not None else ""
+        lines.append(f"  gpu {index}: {gpu.name}, {fmt_bytes(gpu.total_bytes)}{free}, compute capability "
+                     f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}")
+    if inventory.hostnames:
+        lines.append(f"  hosts: {', '.join(inventory.hostnames)}")
+    lines.append(f"  host RAM {fmt_bytes(inventory.host_ram_bytes)} per node"
+                 + (f" ({fmt_bytes(inventory.host_free_bytes)} available)" if inventory.host_free_bytes else "")
+                 + (f", {inventory.cpu_count} CPUs" if inventory.cpu_count else "")
+                 + (f", /dev/shm {fmt_bytes(inventory.shm_bytes)}" if inventory.shm_bytes else ""))
+    lines += [f"  note: {note}" for note in inventory.notes]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,428 @@
+"""Planner decisions on a table of real-world scenarios, properties of the memory model, and agreement with
+DeepSpeed's own model-state estimators. Pure and fast: no torch, no GPU."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from launcher import memory as mem
+from launcher.errors import UserError
+from launcher.inventory import parse_spec
+from launcher.planner import ExtraModel, PlanRequest, estimate, plan, request_from_recipe
+from launcher.shapes import resolve_shape
+
+REPO = Path(__file__).resolve().parent.parent
+GiB = mem.GiB
+
+
+def run(model, method, spec, seq=2048, batch=16, **kw):
+    return plan(PlanRequest(method=method, seq_len=seq, global_batch_size=batch, **kw), parse_spec(spec),
+                resolve_shape(model))
+
+
+def ppo_extras(model):
+    shape = resolve_shape(model)
+    return [ExtraModel("reference", shape), ExtraModel("reward", shape), ExtraModel("value", shape, trainable=True)]
+
+
+def fits_on_gpu_alone(p):
+    return p.fits and not p.offload_optimizer and not p.offload_param
+
+
+def refused_or_offloaded(p):
+    return (not p.fits) or p.offload_optimizer or p.offload_param
+
+
+QLORA = dict(lora_r=64, optimizer="paged_adamw_8bit")
+
+# (id, model, method, inventory, seq, global batch, extra request fields, check)
+SCENARIOS = [
+    ("qlora-7b-3090", "meta-llama/Llama-2-7b-hf", "qlora", "1xRTX3090-24GB", 2048, 16, QLORA, fits_on_gpu_alone),
+    ("qlora-7b-4090", "meta-llama/Llama-2-7b-hf", "qlora", "1xRTX4090", 2048, 16, QLORA, fits_on_gpu_alone),
+    ("qlora-7b-t4-fp16", "llama-2-7b", "qlora", "1xT4", 1024, 16, QLORA,
+     lambda p: p.fits and p.precision == "fp16"),
+    ("qlora-8b-l4", "meta-llama/Meta-Llama-3-8B", "qlora", "1xL4", 2048, 16, QLORA, fits_on_gpu_alone),
+    ("qlora-70b-a100-80", "llama-2-70b", "qlora", "1xA100-80GB", 2048, 16, QLORA, fits_on_gpu_alone),
+    ("qlora-70b-3090-refused", "llama-2-70b", "qlora", "1xRTX3090-24GB", 2048, 16, QLORA,
+     lambda p: not p.fits and "short by" in p.reason),
+    ("qlora-14b-4090-seq1024", "qwen2.5-14b", "qlora", "1xRTX4090", 1024, 16, QLORA, fits_on_gpu_alone),
+    ("qlora-32b-a100-40", "qwen2.5-32b", "qlora", "1xA100-40GB", 2048, 16, QLORA, fits_on_gpu_alone),
+    ("qlora-72b-2xa100-zero3", "qwen2.5-72b", "qlora", "2xA100-80GB", 2048, 16, dict(QLORA, zero_stage=3),
+     lambda p: p.fits and p.bnb_4bit_quant_storage == "bfloat16"),
+    ("lora-7b-3090", "llama-2-7b", "lora", "1xRTX3090-24GB", 2048, 16, {}, lambda p: p.fits),
+    ("lora-7b-a10", "Qwen/Qwen2.5-7B-Instruct", "lora", "1xA10", 1024, 16, {}, lambda p: p.fits),
+    ("lora-13b-a100-40", "llama-2-13b", "lora", "1xA100-40GB", 2048, 16, {}, fits_on_gpu_alone),
+    ("lora-70b-8xa100-40-zero3", "llama-2-70b", "lora", "8xA100-40GB", 2048, 16, {},
+     lambda p: p.fits and p.zero_stage == 3 and p.models["policy"]["frozen_base"].startswith("partitioned")),
+    ("lora-70b-8xa100-80-zero3", "meta-llama/Llama-3.1-70B-Instruct", "lora", "8xA100-80GB", 2048, 16, {},
+     lambda p: p.fits and p.zero_stage == 3),
+    ("lora-smol-l4", "HuggingFaceTB/SmolLM2-135M-Instruct", "lora", "1xL4", 2048, 16, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage == 0),
+    ("full-7b-3090-never-gpu-alone", "meta-llama/Llama-2-7b-hf", "full", "1xRTX3090-24GB", 2048, 16, {},
+     refused_or_offloaded),
+    ("full-7b-a100-80-single", "llama-2-7b", "full", "1xA100-80GB", 2048, 16, {}, refused_or_offloaded),
+    ("full-7b-8xa100-80", "llama-2-7b", "full", "8xA100-80GB", 2048, 64, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage >= 2),
+    ("full-7b-8xa100-40-zero3", "llama-2-7b", "full", "8xA100-40GB", 2048, 64, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage == 3),
+    ("full-7b-8xv100-fp16", "llama-2-7b", "full", "8xV100-32GB", 2048, 64, {},
+     lambda p: p.fits and p.precision == "fp16"),
+    ("full-mistral-8xh100-seq4096", "mistralai/Mistral-7B-v0.1", "full", "8xH100-80GB", 4096, 64, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage >= 2),
+    ("full-13b-2x8xa100-40", "llama-2-13b", "full", "2x8xA100-40GB", 2048, 64, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage == 3),
+    ("full-70b-4x8xa100-80-zero3", "llama-2-70b", "full", "4x8xA100-80GB", 2048, 64, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage == 3),
+    ("full-70b-8xa100-80-short", "llama-2-70b", "full", "8xA100-80GB", 2048, 64, {}, refused_or_offloaded),
+    ("full-72b-4x8xh100-zero3", "qwen2.5-72b", "full", "4x8xH100-80GB", 4096, 128, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage == 3),
+    ("full-405b-64x8xh100", "llama-3.1-405b", "full", "64x8xH100-80GB", 2048, 1024, {},
+     lambda p: p.fits and p.zero_stage == 3 and p.nodes == 64),
+    ("full-0.5b-4090", "qwen2.5-0.5b", "full", "1xRTX4090", 2048, 16, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage == 0),
+    ("full-0.5b-t4-fp16", "Qwen/Qwen2.5-0.5B", "full", "1xT4", 1024, 16, {},
+     lambda p: p.fits and p.precision == "fp16"),
+    ("full-1.5b-2x4090", "qwen2.5-1.5b", "full", "2xRTX4090", 2048, 16, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage >= 1),
+    ("full-smol1.7b-3090", "smollm2-1.7b", "full", "1xRTX3090-24GB", 2048, 16, {}, refused_or_offloaded),
+    ("full-8b-seq64k-refused", "meta-llama/Meta-Llama-3-8B", "full", "8xH100-80GB", 65536, 8, {},
+     lambda p: not p.fits and "seq_len" in p.reason),
+    ("full-3b-h100", "qwen2.5-3b", "full", "1xH100", 2048, 16, {}, fits_on_gpu_alone),
+    ("full-8b-2x8xa100-hpz", "llama-3-8b", "full", "2x8xA100-40GB", 2048, 64, dict(zero_stage=3),
+     lambda p: p.fits and p.zero_stage == 3),
+    ("full-tiny-cpu", "tiny", "full", "cpu", 32, 32, {},
+     lambda p: p.fits and p.device == "cpu" and p.precision == "fp32"),
+    ("lora-tiny-2xcpu", "tiny", "lora", "2xcpu", 32, 32, {},
+     lambda p: p.fits and p.world_size == 2 and p.micro_batch_size * p.gradient_accumulation_steps == 16),
+    ("ppo-7b-8xa100-80", "llama-2-7b", "full", "8xA100-80GB", 1024, 64,
+     dict(extra_models=ppo_extras("llama-2-7b"), generates=True),
+     lambda p: p.fits and set(p.models) == {"policy", "value", "reference", "reward"}
+     and p.models["value"]["optimizer"] > 0 and p.models["reward"]["optimizer"] == 0),
+    ("ppo-7b-lora-reference-free", "llama-2-7b", "lora", "8xA100-80GB", 1024, 64,
+     dict(extra_models=ppo_extras("llama-2-7b"), generates=True),
+     lambda p: p.fits and p.models["reference"]["weights"] == 0),
+    ("dpo-7b-8xa100-80", "llama-2-7b", "full", "8xA100-80GB", 1024, 64,
+     dict(extra_models=[ExtraModel("reference", resolve_shape("llama-2-7b"))], sequences_per_example=2),
+     lambda p: p.fits and p.models["reference"]["trainable_params"] == 0),
+    ("pinned-zero0-refused", "llama-2-7b", "full", "8xA100-80GB", 2048, 64, dict(zero_stage=0),
+     lambda p: not p.fits and "pinned" in p.reason and "without the pins" in p.reason
+     and p.per_gpu_bytes["total"] > p.usable_bytes),
+    ("pinned-micro-batch", "llama-2-7b", "qlora", "1xA100-80GB", 2048, 32, dict(QLORA, micro_batch_size=4),
+     lambda p: p.fits and p.micro_batch_size == 4 and p.gradient_accumulation_steps == 8),
+    ("pinned-no-checkpointing", "smollm2-360m", "full", "1xA100-80GB", 2048, 16,
+     dict(gradient_checkpointing=False), lambda p: p.fits and p.gradient_checkpointing is False),
+]
+
+
+@pytest.mark.parametrize("name,model,method,spec,seq,batch,extra,check", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_scenario(name, model, method, spec, seq, batch, extra, check):
+    p = run(model, method, spec, seq, batch, **extra)
+    assert check(p), f"{name}: {p.reason}\n{p.to_json()['per_gpu_bytes']}"
+    assert p.micro_batch_size * p.gradient_accumulation_steps * p.world_size == batch
+    if p.fits:
+        assert p.per_gpu_bytes["total"] <= p.usable_bytes
+        assert p.reasons and all(isinstance(r, str) for r in p.reasons)
+
+
+def test_plan_json_contract():
+    p = run("llama-2-7b", "qlora", "1xRTX3090-24GB", **QLORA)
+    data = p.to_json()
+    for key in ("fits", "zero_stage", "offload_optimizer", "offload_param", "micro_batch_size",
+                "gradient_accumulation_steps", "gradient_checkpointing", "precision", "per_gpu_bytes",
+                "capacity_bytes", "rejected", "reasons", "world_size", "nodes", "gpus_per_node", "device", "method",
+                "seq_len", "global_batch_size", "host_bytes_per_node", "models"):
+        assert key in data, key
+    assert set(data["per_gpu_bytes"]) == {"weights", "gradients", "optimizer", "activations", "other", "total"}
+    assert data["per_gpu_bytes"]["total"] == sum(v for k, v in data["per_gpu_bytes"].items() if k != "total")
+    assert data["rejected"] and all(set(r) == {"plan", "reason"} and r["reason"] for r in data["rejected"])
+    import json
+
+    json.dumps(data)
+
+
+def test_no_fit_reason_says_by_how_much_and_what_would():
+    p = run("llama-2-13b", "full", "1xRTX3090-24GB", optimizer="paged_adamw_8bit")
+    assert not p.fits
+    assert "short by" in p.reason and "would fit" in p.reason and "QLoRA instead of full" in p.reason
+    assert p.per_gpu_bytes["total"] > p.usable_bytes  # the breakdown shown is the closest miss
+
+
+def test_lora_suggests_qlora():
+    p = run("llama-2-13b", "lora", "1xRTX3090-24GB", seq=512, batch=16, optimizer="paged_adamw_8bit")
+    assert not p.fits
+    assert "QLoRA instead of lora" in p.reason
+
+
+def test_global_batch_not_divisible():
+    with pytest.raises(UserError, match="plan.global_batch_size=10"):
+        run("llama-2-7b", "full", "4xA100-80GB", batch=10)
+
+
+@pytest.mark.parametrize("pins,match", [
+    (dict(offload="all", zero_stage=2), "needs ZeRO-3"),
+    (dict(offload="optimizer", zero_stage=0), "ZeRO-1 or higher"),
+    (dict(micro_batch_size=3), "plan.micro_batch_size=3"),
+    (dict(zero_stage=5), "plan.zero_stage=5"),
+    (dict(offload="sometimes"), "plan.offload=sometimes"),
+])
+def test_bad_pins(pins, match):
+    with pytest.raises(UserError, match=match):
+        run("llama-2-7b", "full", "8xA100-80GB", batch=64, **pins)
+
+
+def test_offload_needs_cpu_capable_optimizer():
+    p = run("llama-2-7b", "full", "1xRTX3090-24GB", optimizer="paged_adamw_8bit")
+    assert not p.offload_optimizer
+    assert any("bitsandbytes" in r["reason"] for r in p.rejected)
+
+
+def test_multi_node_zero3_uses_hpz_when_it_pays():
+    p = run("llama-2-13b", "full", "4x8xH100-80GB", batch=128, zero_stage=3)
+    assert p.fits
+    if p.zero_hpz_partition_size:
+        assert p.zero_hpz_partition_size == 8
+    assert any(r["plan"].get("zero_hpz") for r in p.rejected) or p.zero_hpz_partition_size == 8
+
+
+# ---------------------------------------------------------------- properties
+
+CARD_NAMES = ["qwen2.5-0.5b", "smollm2-360m", "qwen2.5-1.5b", "llama-2-7b", "llama-3-8b", "llama-2-13b"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(model=st.sampled_from(CARD_NAMES), method=st.sampled_from(["full", "lora", "qlora"]),
+       gpus=st.sampled_from([1, 2, 4, 8]), small=st.integers(8, 80), extra=st.integers(0, 80),
+       seq=st.sampled_from([256, 1024, 2048, 4096]))
+def test_more_memory_never_predicted_slower(model, method, gpus, small, extra, seq):
+    request = PlanRequest(method=method, seq_len=seq, global_batch_size=16 * gpus)
+    shape = resolve_shape(model)
+    host = 512 * GiB
+    low = plan(request, parse_spec(f"{gpus}xA100-{small}GB", host), shape, suggest=False)
+    high = plan(request, parse_spec(f"{gpus}xA100-{small + extra}GB", host), shape, suggest=False)
+    if low.fits:
+        assert high.fits
+        assert high.predicted_step_seconds <= low.predicted_step_seconds + 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(model=st.sampled_from(CARD_NAMES), method=st.sampled_from(["full", "lora", "qlora"]),
+       stage=st.sampled_from([0, 1, 2, 3]), offload=st.sampled_from(["none", "optimizer", "all"]),
+       checkpointing=st.booleans(), attention=st.sampled_from(["sdpa", "eager"]),
+       seq=st.integers(16, 8192), extra_seq=st.integers(0, 4096), micro_exp=st.integers(0, 5))
+def test_peak_monotonic_in_seq_len_and_micro_batch(model, method, stage, offload, checkpointing, attention, seq,
+                                                     extra_seq, micro_exp):
+    if (offload == "all" and stage != 3) or (offload == "optimizer" and stage == 0):
+        return
+    shape = resolve_shape(model)
+    inventory = parse_spec("8xA100-80GB")
+    micro = 2 ** micro_exp
+
+    def peak(s, m):
+        request = PlanRequest(method=method, seq_len=s, global_batch_size=8 * 64, attention=attention)
+        return estimate(request, inventory, shape, zero_stage=stage, offload=offload,
+                        gradient_checkpointing=checkpointing, micro_batch_size=m)["per_gpu_bytes"]["total"]
+
+    base = peak(seq, micro)
+    assert peak(seq + extra_seq, micro) >= base
+    assert peak(seq, micro * 2) >= base
+
+
+# ---------------------------------------------------------------- DeepSpeed's estimators
+
+@pytest.fixture(scope="module")
+def ds_estimators():
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return estimate_zero2_model_states_mem_needs, estimate_zero3_model_states_mem_needs
+
+
+def full_states(shape, stage, nodes, gpus, offload):
+    request = PlanRequest(method="full", seq_len=128, global_batch_size=nodes * gpus)
+    inventory = parse_spec(f"{nodes}x{gpus}xH100-80GB", 10 ** 15)
+    out = estimate(request, inventory, shape, zero_stage=stage, offload=offload, gradient_checkpointing=True,
+                   micro_batch_size=1)
+    b = out["per_gpu_bytes"]
+    return b["weights"] + b["gradients"] + b["optimizer"]
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-0.5b", "llama-2-7b", "llama-3-8b", "llama-2-70b"])
+@pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 2), (1, 8), (2, 8), (4, 8)])
+def test_zero2_gpu_agrees_with_deepspeed(ds_estimators, model, nodes, gpus):
+    zero2, _ = ds_estimators
+    shape = resolve_shape(model)
+    for offload in (False, True):
+        _, ds_gpu = zero2(shape.num_params, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload)
+        ours = full_states(shape, 2, nodes, gpus, "optimizer" if offload else "none")
+        assert ours == pytest.approx(ds_gpu, rel=1e-6, abs=64)
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-0.5b", "llama-2-7b", "llama-3-8b", "llama-2-70b"])
+@pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 2), (1, 8), (2, 8), (4, 8)])
+@pytest.mark.parametrize("offload", ["none", "optimizer", "all"])
+def test_zero3_gpu_agrees_with_deepspeed(ds_estimators, model, nodes, gpus, offload):
+    _, zero3 = ds_estimators
+    shape = resolve_shape(model)
+    _, ds_gpu, _ = zero3(shape.num_params, shape.largest_layer_params, num_gpus_per_node=gpus, num_nodes=nodes,
+                         cpu_offload=offload != "none", cpu_offload_params=offload == "all")
+    assert full_states(shape, 3, nodes, gpus, offload) == pytest.approx(ds_gpu, rel=1e-6, abs=64)
+
+
+@pytest.mark.parametrize("nodes,gpus", [(1, 1), (1, 4), (2, 8)])
+@pytest.mark.parametrize("offload", ["optimizer", "all"])
+def test_offloaded_host_bytes_agree_with_deepspeed(ds_estimators, nodes, gpus, offload):
+    """Host side of ZeRO-3 offload with zero.Init (what HF uses): DeepSpeed's cpu_mem per node."""
+    zero2, zero3 = ds_estimators
+    shape = resolve_shape("llama-2-7b")
+    ds_cpu, _, _ = zero3(shape.num_params, shape.largest_layer_params, num_gpus_per_node=gpus, num_nodes=nodes,
+                         cpu_offload=True, cpu_offload_params=offload == "all")
+    states = mem.model_states(trainable=shape.num_params, frozen_bytes=0, precision="bf16", state_bytes=8,
+                              zero_stage=3, dp=nodes * gpus, offload_optimizer=True, offload_param=offload == "all",
+                              largest_layer=shape.largest_layer_params)
+    assert states.host * gpus * mem.OFFLOAD_BUFFER_FACTOR == pytest.approx(ds_cpu, rel=1e-6)
+    if nodes == 1 and gpus <= 4:  # ZeRO-2 offload: DeepSpeed's max(4 x GPUs, 16) bytes/param is 16 here
+        ds_cpu2, _ = zero2(shape.num_params, num_gpus_per_node=gpus, num_nodes=1, cpu_offload=True)
+        states2 = mem.model_states(trainable=shape.num_params, frozen_bytes=0, precision="bf16", state_bytes=8,
+                                   zero_stage=2, dp=gpus, offload_optimizer=True)
+        assert states2.host * gpus * mem.OFFLOAD_BUFFER_FACTOR == pytest.approx(ds_cpu2, rel=1e-6)
+
+
+# ---------------------------------------------------------------- memory pieces
+
+def test_weight_bytes_by_storage():
+    shape = resolve_shape("llama-2-7b")
+    n = shape.num_params
+    assert mem.frozen_weight_bytes(shape, n, 4, False) == 4 * n
+    assert mem.frozen_weight_bytes(shape, n, 2, False) == 2 * n
+    nf4 = mem.frozen_weight_bytes(shape, n, 2, True)
+    # NF4 + double quant on the block linears, embeddings and lm_head stay 16-bit
+    assert nf4 == pytest.approx(shape.layers * shape.linear_params_per_layer * 0.516
+                                + (n - shape.layers * shape.linear_params_per_layer) * 2)
+    assert 3.5 * GiB < nf4 < 4.0 * GiB
+
+
+def test_optimizer_state_bytes():
+    assert mem.optimizer_state_bytes("adamw_torch") == 8
+    assert mem.optimizer_state_bytes("adamw_torch_fused") == 8
+    assert mem.optimizer_state_bytes("paged_adamw_32bit") == 8
+    assert mem.optimizer_state_bytes("adamw_8bit") == 2
+    assert mem.optimizer_state_bytes("paged_adamw_8bit") == 2
+
+
+def test_lora_param_counts():
+    shape = resolve_shape("llama-2-7b")
+    # r=64 on q,k,v,o,gate,up,down of Llama-2-7B: 159,907,840 (PEFT's print_trainable_parameters)
+    assert mem.lora_params(shape, 64, "all-linear") == 159_907_840
+    assert mem.lora_params(shape, 8, ["q_proj", "v_proj"]) == 4_194_304
+
+
+def test_logits_dominate_for_large_vocab():
+    small = resolve_shape("llama-2-7b")  # 32k vocab
+    large = resolve_shape("llama-3-8b")  # 128k vocab
+    assert mem.logits_bytes(large, seq_len=4096, micro_batch=1) > 3.9 * mem.logits_bytes(small, seq_len=4096,
+                                                                                           micro_batch=1)
+
+
+def test_checkpointing_and_flash_reduce_activations():
+    shape = resolve_shape("llama-2-7b")
+    full = mem.activation_bytes(shape, seq_len=2048, micro_batch=1, checkpointing=False, attention="eager")
+    sdpa = mem.activation_bytes(shape, seq_len=2048, micro_batch=1, checkpointing=False, attention="sdpa")
+    ckpt = mem.activation_bytes(shape, seq_len=2048, micro_batch=1, checkpointing=True, attention="sdpa")
+    assert full > sdpa > 5 * ckpt
+
+
+# ---------------------------------------------------------------- recipes
+
+def _cfg(method="sft", name="meta-llama/Llama-2-7b-hf", peft="none", load_in_4bit=False, extra=None, **plan_kw):
+    ns = types.SimpleNamespace
+    plan_cfg = dict(global_batch_size=16, zero_stage=None, offload=None, micro_batch_size=None,
+                    gradient_checkpointing=None, memory_fraction=0.9, inventory=None)
+    plan_cfg.update(plan_kw)
+    cfg = ns(method=method, model=ns(name=name, tiny=None, attn_implementation="sdpa"),
+             peft=ns(method=peft, r=16, target_modules="all-linear", num_virtual_tokens=16),
+             quant=ns(load_in_4bit=load_in_4bit), data=ns(max_length=1024), plan=ns(**plan_cfg),
+             training={"optim": "paged_adamw_8bit"})
+    for key, value in (extra or {}).items():
+        setattr(cfg, key, ns(**value))
+    return cfg
+
+
+def test_request_from_recipe_methods():
+    assert request_from_recipe(_cfg("qlora", peft="lora")).method == "qlora"
+    assert request_from_recipe(_cfg("sft", peft="lora", load_in_4bit=True)).method == "qlora"
+    assert request_from_recipe(_cfg("sft", peft="dora")).method == "lora"
+    assert request_from_recipe(_cfg("sft")).method == "full"
+    r = request_from_recipe(_cfg("sft", zero_stage=3, offload="optimizer"))
+    assert (r.zero_stage, r.offload, r.optimizer, r.seq_len) == (3, "optimizer", "paged_adamw_8bit", 1024)
+
+
+def test_request_from_recipe_dpo_and_ppo():
+    dpo = request_from_recipe(_cfg("dpo"))
+    assert [m.role for m in dpo.extra_models] == ["reference"] and dpo.sequences_per_example == 2
+    ppo = request_from_recipe(_cfg("ppo", extra={"ppo": {"reward_model": "runs/rm_not_trained_yet"}}))
+    assert sorted(m.role for m in ppo.extra_models) == ["reference", "reward", "value"]
+    assert any("not found offline" in note for note in ppo.notes)
+    p = plan(ppo, parse_spec("8xA100-80GB"))
+    assert set(p.models) == {"policy", "reference", "reward", "value"}
+
+
+def test_real_recipes_plan_offline():
+    from launcher.config import available_recipes, load_recipe
+
+    for name in available_recipes():
+        cfg = load_recipe(name, None, [])
+        p = plan(request_from_recipe(cfg), parse_spec(cfg.plan.inventory or "1xRTX3090-24GB"))
+        if name == "qlora_7b":
+            assert fits_on_gpu_alone(p), p.reason
+        if name.endswith("_tiny"):
+            assert p.fits, p.reason
+
+
+# ---------------------------------------------------------------- command line
+
+def test_cmd_plan_is_fast_and_torch_free():
+    code = ("import sys, time; t = time.time(); from launcher.plan_cmd import cmd_plan; "
+            "rc = cmd_plan(['--recipe', 'qlora_7b', '--inventory', '1xRTX3090-24GB', '--json']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; assert rc == 0, rc; "
+            "print('elapsed', time.time() - t)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    elapsed = float(out.stdout.strip().splitlines()[-1].split()[-1])
+    assert elapsed < 1.0
+
+
+def test_cmd_plan_exit_codes(capsys):
+    from launcher.plan_cmd import cmd_inventory, cmd_plan
+
+    assert cmd_plan(["--model", "llama-2-7b", "--method", "full", "--inventory", "1xRTX3090-24GB"]) == 3
+    assert "short by" in capsys.readouterr().err
+    assert cmd_plan(["--model", "llama-2-7b", "--method", "qlora", "--inventory", "1xRTX3090-24GB",
+                     "--optim", "paged_adamw_8bit", "--lora-r", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "rejected:" in out
+    with pytest.raises(UserError, match="inventory spec"):
+        cmd_plan(["--model", "llama-2-7b", "--inventory", "lots-of-gpus"])
+    with pytest.raises(UserError, match="pass a local path with config.json"):
+        cmd_plan(["--model", "acme/unknown-model-9b", "--inventory", "1xA100"])
+    assert cmd_inventory(["--inventory", "4x8xH100-80GB", "--json"]) == 0
+    assert '"world_size": 32' in capsys.readouterr().out
+
+
+def test_cmd_plan_recipe_pins_and_ds_config(capsys):
+    from launcher.plan_cmd import cmd_plan
+
+    import json
+
+    rc = cmd_plan(["--recipe", "sft_tiny", "--inventory", "2xcpu", "--zero-stage", "2", "--micro-batch", "4",
+                   "--gradient-checkpointing", "on", "--json", "data.max_length=64"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["zero_stage"], data["micro_batch_size"], data["gradient_checkpointing"], data["seq_len"]) == \
+        (2, 4, True, 64)
+    assert data["deepspeed_config"]["train_batch_size"] == data["global_batch_size"]
