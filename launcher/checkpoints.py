@@ -1,25 +1,202 @@
-"""Finding the checkpoint to resume from. A checkpoint counts only when complete (trainer_state.json is the last
-file the HF Trainer writes into a checkpoint directory)."""
+"""Checkpoints that cannot be half-written, and finding the one to resume from.
+
+The HF Trainer writes `checkpoint-N/` in place (weights, optimizer / ZeRO shards from every rank, scheduler, RNG,
+trainer_state.json) and then rotates old ones. A kill at any moment of that leaves a directory that *looks* like a
+checkpoint. So completeness is explicit here:
+
+* `CheckpointCommitter.on_save` runs after HF has written everything: all ranks meet at a barrier (every rank's ZeRO
+  shard is on disk), then rank 0 fsyncs the files and writes + fsyncs `checkpoint-N/.ftlaunch-complete`.
+* Only then are old checkpoints rotated (by us, not by HF: `save_total_limit` is taken over so HF never deletes the
+  previous checkpoint before the new one is marked). A checkpoint is deleted marker-first, so one half-deleted by a
+  kill is unmarked, never "complete".
+* `--resume auto` picks the newest *marked* checkpoint; unmarked ones are reported and removed (they are re-created
+  when training passes that step again).
+"""
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MARKER = ".ftlaunch-complete"
 
 
 def is_complete(path: Path) -> bool:
-    return (path / "trainer_state.json").is_file()
+    path = Path(path)
+    return (path / MARKER).is_file() and (path / "trainer_state.json").is_file()
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoint directories by step, oldest first (complete or not)."""
+    output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
+def step_of(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
+
+
 def newest_complete_checkpoint(output_dir: Path) -> Path | None:
     complete = [p for p in checkpoints(Path(output_dir)) if is_complete(p)]
     return complete[-1] if complete else None
+
+
+def incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    return [p for p in checkpoints(Path(output_dir)) if not is_complete(p)]
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def mark_complete(path: Path, info: dict | None = None) -> None:
+    """Flush every file of the checkpoint to disk, then write the marker atomically (tmp + fsync + rename)."""
+    path = Path(path)
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            _fsync_path(Path(root) / name)
+        for name in dirs:
+            _fsync_path(Path(root) / name)
+    _fsync_path(path)
+    tmp = path / (MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": step_of(path), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MARKER)
+    _fsync_path(path)
+
+
+def unmark(path: Path) -> None:
+    marker = Path(path) / MARKER
+    if marker.exists():
+        marker.unlink()
+        _fsync_path(Path(path))
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Marker first: a kill half-way through leaves an unmarked (incomplete) directory, never a broken 'complete'."""
+    unmark(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def rotate(output_dir: Path, keep: int | None, protect: tuple = ()) -> list[Path]:
+    """Keep the newest `keep` complete checkpoints (and `protect`); drop older ones and every incomplete one."""
+    protected = {Path(p).resolve() for p in protect if p}
+    complete = [p for p in checkpoints(output_dir) if is_complete(p)]
+    doomed = [p for p in incomplete_checkpoints(output_dir)]
+    if keep is not None and keep > 0:
+        doomed += complete[:-keep]
+    doomed = [p for p in doomed if p.resolve() not in protected and (not complete or p != complete[-1])]
+    for p in doomed:
+        delete_checkpoint(p)
+    return doomed
+
+
+def prepare_resume(output_dir: Path, is_main: bool) -> tuple[Path | None, list[Path]]:
+    """The checkpoint `--resume auto` continues from, and the incomplete ones it skips (rank 0 removes those)."""
+    output_dir = Path(output_dir)
+    chosen = newest_complete_checkpoint(output_dir)
+    skipped = incomplete_checkpoints(output_dir)
+    if is_main:
+        for p in skipped:
+            shutil.rmtree(p, ignore_errors=True)
+    return chosen, skipped
+
+
+def checkpoint_layout(path: Path) -> dict:
+    """How a checkpoint was written: world size and whether by DeepSpeed (ZeRO shards) or plain torch."""
+    path = Path(path)
+    info = {}
+    try:
+        info = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        pass
+    shards = list(path.glob("global_step*/*zero_pp_rank_*_optim_states.pt")) + list(path.glob(
+        "global_step*/zero_pp_rank_*_model_states.pt"))
+    deepspeed = bool(list(path.glob("global_step*"))) or info.get("deepspeed", False)
+    world = info.get("world_size")
+    if world is None:
+        ranks = {re.search(r"zero_pp_rank_(\d+)_", p.name).group(1) for p in shards}
+        world = len(ranks) or len(list(path.glob("rng_state_*.pth"))) or 1
+    return {"world_size": int(world), "deepspeed": deepspeed}
+
+
+def check_resumable(path: Path, world_size: int, deepspeed: bool) -> None:
+    """Refuse (UserError, exit 2) a resume that would not be exact: DeepSpeed cannot re-partition ZeRO optimizer
+    state for a new data-parallel size, and the plain HF Trainer silently starts a fresh optimizer from a DeepSpeed
+    checkpoint (and the other way round). Tried with DeepSpeed 0.19.8 / transformers 5.23."""
+    from launcher.errors import UserError
+
+    layout = checkpoint_layout(path)
+    how = lambda ws, ds: f"{ws} rank{'s' if ws != 1 else ''} {'with DeepSpeed' if ds else 'without DeepSpeed'}"
+    if layout["world_size"] != world_size or layout["deepspeed"] != deepspeed:
+        raise UserError(
+            f"cannot resume {path.name}: it was written by {how(layout['world_size'], layout['deepspeed'])}, this "
+            f"run has {how(world_size, deepspeed)} (its optimizer state cannot be re-partitioned exactly); resume "
+            f"with the same launcher and rank count, or start afresh in a new output_dir (or --resume never)")
+
+
+def _barrier() -> None:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class CheckpointCommitter(TrainerCallback):
+    """Marks each checkpoint complete once every rank has written it, then rotates (see the module docstring).
+
+    Takes over `save_total_limit` from the HF Trainer: HF rotates *before* any callback sees the save, which with
+    `save_total_limit=1` deletes the previous checkpoint before the new one is known complete."""
+
+    def __init__(self, keep: int | None = None):
+        self.keep = keep
+        self.committed: list[int] = []
+
+    def take_over_rotation(self, args) -> None:
+        if self.keep is None:
+            self.keep = args.save_total_limit
+        args.save_total_limit = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self.take_over_rotation(args)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.take_over_rotation(args)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A checkpoint-N left from an earlier run (`--resume never`) is rewritten in place: unmark it first.
+        if control.should_save and state.is_world_process_zero:
+            unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        _barrier()  # every rank's shard is written
+        if state.is_world_process_zero and path.is_dir():
+            mark_complete(path, {"world_size": args.world_size, "deepspeed": bool(args.deepspeed)})
+            self.committed.append(state.global_step)
+            rotate(Path(args.output_dir), self.keep, protect=(state.best_model_checkpoint,))
+        _barrier()
+        return control

@@ -2,33 +2,103 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 
 from transformers import TrainerCallback
 
 
-class HealthGuard(TrainerCallback):
-    """Stop on a non-finite loss or an exploding gradient norm, before that state is saved as a checkpoint."""
+SECRET_KEYS = {"token", "hub_token", "hf_token", "access_token", "auth_token", "api_key", "apikey", "wandb_api_key",
+               "secret", "secret_key", "password", "passwd", "credentials"}
+SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,})$")
 
-    def __init__(self, safety):
+
+def validate_safety(cfg) -> None:
+    """Checks of the `safety:` section, and no secrets in a recipe or its overrides (they would land in
+    training_args.bin, which the HF Trainer pickles unredacted into every checkpoint). One-line UserError, exit 2."""
+    from launcher.config import to_yaml_dict
+    from launcher.errors import UserError
+
+    safety = cfg.safety
+    keep = safety.keep_checkpoints
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise UserError(f"safety.keep_checkpoints: must be at least 1 (the last good checkpoint is always kept), "
+                        f"got {keep!r}")
+    limit = safety.max_grad_norm_abort
+    if limit is not None and not (limit > 0 and math.isfinite(limit)):
+        raise UserError(f"safety.max_grad_norm_abort: must be a positive number (or null for no limit), got {limit!r}")
+    for where, key, value in _walk(to_yaml_dict(cfg)):
+        if (key.lower() in SECRET_KEYS and value not in (None, "", False)) or (
+                isinstance(value, str) and SECRET_VALUE.match(value.strip())):
+            raise UserError(f"{where}: looks like a secret; secrets must not be in recipes or overrides (they would be "
+                            f"written into the output directory); set it in the environment instead (HF_TOKEN, "
+                            f"WANDB_API_KEY, ...)")
+
+
+def _walk(data, prefix: str = ""):
+    if isinstance(data, dict):
+        for k, v in data.items():
+            where = f"{prefix}.{k}" if prefix else str(k)
+            yield where, str(k), v
+            yield from _walk(v, where)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _walk(v, f"{prefix}[{i}]")
+    elif isinstance(data, str) and not prefix.endswith("]"):
+        return
+    elif isinstance(data, str):
+        yield prefix, "", data
+
+
+class HealthGuard(TrainerCallback):
+    """Stop on a non-finite loss or an exploding gradient norm, before that state is saved as a checkpoint.
+
+    HF logs (and so calls `on_log`, the only hook that sees the loss) every `logging_steps`. The guard asks for a log
+    at every optimizer step instead, so it sees each step's loss and gradient norm before that step's checkpoint is
+    written (`on_log` runs before the save in the same step); ProgressPrinter still prints at `logging_steps`.
+    Every rank sees the same values (the loss is gathered across ranks, the gradient norm is global), so all ranks
+    stop at the same step."""
+
+    def __init__(self, safety, every_step: bool = True):
         self.stop_on_nan = safety.stop_on_nan
         self.max_grad_norm = safety.max_grad_norm_abort
+        self.every_step = every_step
         self.stop_reason = None
+        self.step = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.stop_on_nan or self.max_grad_norm is not None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.active and (self.every_step or control.should_save):
+            control.should_log = True
+        return control
+
+    def check(self, logs: dict) -> str | None:
+        loss, grad_norm = logs.get("loss"), logs.get("grad_norm")
+        if self.stop_on_nan and loss is not None and not math.isfinite(loss):
+            return f"loss is {loss}"
+        if self.stop_on_nan and grad_norm is not None and not math.isfinite(grad_norm):
+            return f"gradient norm is {grad_norm}"
+        if self.max_grad_norm is not None and grad_norm is not None and grad_norm > self.max_grad_norm:
+            return f"gradient norm {grad_norm:.3g} exceeds safety.max_grad_norm_abort={self.max_grad_norm:g}"
+        return None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        loss, grad_norm = logs.get("loss"), logs.get("grad_norm")
-        problem = None
-        if self.stop_on_nan and loss is not None and not math.isfinite(loss):
-            problem = f"loss is {loss}"
-        elif self.stop_on_nan and grad_norm is not None and not math.isfinite(grad_norm):
-            problem = f"gradient norm is {grad_norm}"
-        elif self.max_grad_norm is not None and grad_norm is not None and grad_norm > self.max_grad_norm:
-            problem = f"gradient norm {grad_norm:.3g} exceeds safety.max_grad_norm_abort={self.max_grad_norm}"
+        if self.stop_reason is not None:
+            control.should_training_stop, control.should_save = True, False
+            return control
+        problem = self.check(logs or {})
         if problem:
-            self.stop_reason = (f"training diverged at step {state.global_step}: {problem}; the last good "
-                                f"checkpoint is kept (lower training.learning_rate or raise the threshold)")
+            from launcher.checkpoints import newest_complete_checkpoint
+
+            self.step = state.global_step
+            last = newest_complete_checkpoint(args.output_dir)
+            kept = f"the last good checkpoint {last.name} is kept" if last else "no checkpoint was saved before it"
+            self.stop_reason = (f"training diverged at step {state.global_step}: {problem}; {kept} (lower "
+                                f"training.learning_rate, or raise safety.max_grad_norm_abort)")
             control.should_training_stop = True
             control.should_save = False  # never checkpoint a diverged state
         return control
@@ -42,6 +112,7 @@ class ProgressPrinter(TrainerCallback):
         self.start = None
         self.start_step = 0
         self.start_tokens = 0
+        self.losses = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_step = time.time(), state.global_step
@@ -50,9 +121,19 @@ class ProgressPrinter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.enabled or not logs or "loss" not in logs or self.start is None:
             return
+        # HealthGuard makes HF log every step; print at the user's logging_steps, with the mean loss since the last
+        # printed line (what HF itself would have logged).
+        self.losses.append(logs["loss"])
+        every = _logging_every(args, state)
+        due = (state.global_step % every == 0 or state.global_step >= state.max_steps
+               or (args.logging_first_step and state.global_step == 1) or not math.isfinite(logs["loss"]))
+        if not due:
+            return
+        loss = sum(self.losses) / len(self.losses)
+        self.losses = []
         elapsed = max(time.time() - self.start, 1e-6)
         done = state.global_step - self.start_step
-        parts = [f"step {state.global_step}/{state.max_steps}", f"loss {logs['loss']:.4f}"]
+        parts = [f"step {state.global_step}/{state.max_steps}", f"loss {loss:.4f}"]
         if "learning_rate" in logs:
             parts.append(f"lr {logs['learning_rate']:.2e}")
         tokens = (getattr(state, "num_input_tokens_seen", 0) or 0) - self.start_tokens
@@ -65,6 +146,13 @@ class ProgressPrinter(TrainerCallback):
         if memory:
             parts.append(memory)
         print("  " + " | ".join(parts), file=sys.stdout, flush=True)
+
+
+def _logging_every(args, state) -> int:
+    steps = args.logging_steps
+    if isinstance(steps, float) and steps < 1:  # a ratio of max_steps
+        steps = math.ceil(state.max_steps * steps)
+    return max(int(steps), 1)
 
 
 def _gpu_memory() -> str | None:

@@ -1,0 +1,204 @@
+"""Resume exactness and checkpoints that cannot be half-written.
+
+* 2-rank ZeRO-2 CPU run SIGKILLed (whole `deepspeed` process group) at 5 random steps, resumed with `--resume auto`
+  each time: final weights and the per-step loss history equal an uninterrupted run's, bitwise.
+* A kill while a checkpoint is being committed (with `safety.keep_checkpoints=1`) leaves the previous checkpoint
+  complete and loadable; resume reports and skips the unfinished one.
+* Changing the world size on resume is refused with one line (exit 2).
+* Unit tests of the completion marker, rotation and resume selection (no training).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO, manifest, run_inprocess
+from launcher import checkpoints as ck
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_resume", REPO / "bench" / "resume.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_checkpoint(out: Path, step: int, complete: bool = True, world_size: int = 1, deepspeed: bool = False) -> Path:
+    path = out / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (path / "adapter_model.safetensors").write_bytes(b"x" * 16)
+    if deepspeed:
+        (path / f"global_step{step}").mkdir()
+    if complete:
+        ck.mark_complete(path, {"world_size": world_size, "deepspeed": deepspeed})
+    return path
+
+
+# ---- unit: marker, rotation, resume selection ----------------------------------------------------------------------
+
+def test_newest_complete_skips_unmarked(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 12, complete=False)  # killed while saving: files there, marker not
+    assert ck.newest_complete_checkpoint(tmp_path).name == "checkpoint-10"
+    chosen, skipped = ck.prepare_resume(tmp_path, is_main=True)
+    assert chosen.name == "checkpoint-10" and [p.name for p in skipped] == ["checkpoint-12"]
+    assert not (tmp_path / "checkpoint-12").exists(), "rank 0 removes the unfinished checkpoint"
+    assert ck.newest_complete_checkpoint(tmp_path / "nope") is None
+
+
+def test_trainer_state_alone_is_not_complete(tmp_path):
+    path = fake_checkpoint(tmp_path, 3, complete=False)
+    assert (path / "trainer_state.json").exists() and not ck.is_complete(path)
+
+
+def test_rotate_keeps_k_and_never_the_newest(tmp_path):
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 5, complete=False)
+    deleted = ck.rotate(tmp_path, keep=2)
+    assert sorted(p.name for p in deleted) == ["checkpoint-1", "checkpoint-2", "checkpoint-5"]
+    assert [p.name for p in ck.checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    ck.rotate(tmp_path, keep=1, protect=(str(tmp_path / "checkpoint-3"),))  # best model is protected
+    assert [p.name for p in ck.checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_half_deleted_checkpoint_is_never_complete(tmp_path, monkeypatch):
+    """Deletion removes the marker first: a kill half-way through rmtree leaves an *incomplete* directory."""
+    old = fake_checkpoint(tmp_path, 1)
+    fake_checkpoint(tmp_path, 2)
+
+    def killed_mid_rmtree(path, ignore_errors=False):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed_mid_rmtree)
+    with pytest.raises(SystemExit):
+        ck.rotate(tmp_path, keep=1)
+    assert old.exists() and not ck.is_complete(old)
+    assert ck.newest_complete_checkpoint(tmp_path).name == "checkpoint-2"
+
+
+def test_committer_takes_over_rotation_from_hf(tmp_path):
+    """HF rotates inside _save_checkpoint, before any callback: with save_total_limit=1 it would delete the previous
+    checkpoint before the new one is marked. The committer disables that and rotates after marking."""
+    args = SimpleNamespace(save_total_limit=1, output_dir=str(tmp_path), world_size=1, deepspeed=None)
+    committer = ck.CheckpointCommitter()
+    committer.take_over_rotation(args)
+    assert args.save_total_limit is None and committer.keep == 1
+    fake_checkpoint(tmp_path, 1)
+    fake_checkpoint(tmp_path, 2, complete=False)  # HF has just written it
+    state = SimpleNamespace(global_step=2, is_world_process_zero=True, best_model_checkpoint=None)
+    committer.on_save(args, state, SimpleNamespace())
+    assert [p.name for p in ck.checkpoints(tmp_path)] == ["checkpoint-2"] and ck.is_complete(tmp_path / "checkpoint-2")
+    marker = json.loads((tmp_path / "checkpoint-2" / ck.MARKER).read_text())
+    assert marker["step"] == 2 and marker["world_size"] == 1
+
+
+def test_stale_marker_is_removed_before_rewrite(tmp_path):
+    """`--resume never` into an old run dir: checkpoint-N is rewritten in place, so its old marker goes first."""
+    fake_checkpoint(tmp_path, 4)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(global_step=4, is_world_process_zero=True)
+    ck.CheckpointCommitter(keep=2).on_step_end(args, state, SimpleNamespace(should_save=True))
+    assert not ck.is_complete(tmp_path / "checkpoint-4")
+
+
+def test_world_size_change_is_refused_in_one_line(tmp_path, capsys):
+    """DeepSpeed 0.19.8 refuses a ZeRO-2 checkpoint of 2 ranks on 1 rank (ZeRORuntimeException: "Automatic adjustment
+    of ZeRO's optimizer state partitioning with a new world size is not currently supported"), and a plain 1-process
+    resume silently starts a fresh optimizer (no optimizer.pt): both are refused up front, exit 2."""
+    out = tmp_path / "run"
+    fake_checkpoint(out, 6, world_size=2, deepspeed=True)
+    code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "data.num_examples=32")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "cannot resume checkpoint-6: it was written by 2 ranks with DeepSpeed, this run has 1 rank" in err[0]
+    assert "same launcher and rank count" in err[0]
+    assert ck.is_complete(out / "checkpoint-6"), "the checkpoint itself is left alone"
+
+
+# ---- real runs ---------------------------------------------------------------------------------------------------
+
+KILL_IN_COMMIT = """
+import os, signal, sys
+sys.path[0] = {repo!r}
+from launcher import checkpoints
+real = checkpoints.mark_complete
+def mark_complete(path, info=None):
+    if checkpoints.step_of(path) == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)  # HF has written (and would have rotated) everything; marker not yet
+    return real(path, info)
+checkpoints.mark_complete = mark_complete
+from launcher.cli import main
+sys.exit(main(["run", *sys.argv[1:]]))
+"""
+
+SMALL = ["--recipe", "lora_tiny", "data.num_examples=64", "eval.num_examples=1", "plan.global_batch_size=8",
+         "training.save_steps=1", "training.logging_steps=2", "safety.keep_checkpoints=1"]
+
+
+@pytest.mark.slow
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    script = KILL_IN_COMMIT.format(repo=str(REPO), step=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", script, *SMALL, "training.max_steps=4", f"output_dir={out}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    # keep_checkpoints=1: HF's own rotation would have deleted checkpoint-2 by now; ours waits for the marker
+    assert ck.is_complete(out / "checkpoint-2") and (out / "checkpoint-3").is_dir()
+    assert not ck.is_complete(out / "checkpoint-3")
+    assert manifest(out)["status"] == "running"
+
+    assert run_inprocess("run", *SMALL, "training.max_steps=4", f"output_dir={out}") == 0
+    captured = capsys.readouterr()
+    assert "skipping incomplete checkpoint-3" in captured.err and f"resuming from {out / 'checkpoint-2'}" in captured.out
+    m = manifest(out)
+    assert m["status"] == "finished" and m["metrics"]["global_step"] == 4 and m["attempts"] == 2
+    assert [p.name for p in ck.checkpoints(out)] == ["checkpoint-4"] and ck.is_complete(out / "checkpoint-4")
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4], "per-step health checks"
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_sigkill_resume_is_bitwise_exact(tmp_path, capsys):
+    bench = _bench()
+    steps = 12
+    seed = int(os.environ.get("FTLAUNCH_KILL_SEED", random.randrange(1 << 30)))
+    kill_steps = sorted(random.Random(seed).sample(range(2, steps - 1), 5))
+    print(f"kill seed {seed}: SIGKILL at steps {kill_steps}")
+
+    rc, text = bench.reference_run(tmp_path / "ref", steps)
+    assert rc == 0, text[-3000:]
+    report = bench.killed_run(tmp_path / "killed", steps, kill_steps, seed)
+    print("\n".join(report["events"]))
+    assert report["rc"] == 0, report["log"][-3000:]
+    assert all(e.startswith("killed at") for e in report["events"]), report["events"]
+
+    ref, got = tmp_path / "ref", tmp_path / "killed"
+    m = manifest(got)
+    assert m["status"] == "finished" and m["metrics"]["world_size"] == 2 and m["attempts"] == 6
+    assert report["log"].count("resuming from") == 5
+    # Bitwise: same seed, same data order (HF skips the consumed batches on resume; ignore_data_skip is False),
+    # gloo all-reduce on CPU is deterministic, RNG/optimizer/scheduler states are restored from the checkpoint.
+    assert bench.compare_weights(ref / "adapter_model.safetensors", got / "adapter_model.safetensors") == 0.0
+    assert bench.loss_history(ref) == bench.loss_history(got)
+    assert len(bench.loss_history(got)) == steps
+
+    # The same checkpoint on 1 process: refused up front (see test_world_size_change_is_refused_in_one_line).
+    one = tmp_path / "one-rank"
+    one.mkdir()
+    shutil.copytree(ck.checkpoints(got)[-1], one / ck.checkpoints(got)[-1].name)
+    capsys.readouterr()
+    assert run_inprocess("run", *bench.BASE, f"training.max_steps={steps + 2}", f"output_dir={one}") == 2
+    assert "written by 2 ranks with DeepSpeed, this run has 1 rank" in capsys.readouterr().err

@@ -1,0 +1,200 @@
+"""Training health (NaN/inf, exploding gradients) and safe defaults (safetensors, weights_only, no remote code, no
+secrets in the output directory)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO, manifest, run_inprocess
+from launcher import checkpoints as ck
+from launcher.config import available_recipes, load_recipe
+
+TINY = ["data.num_examples=64", "eval.num_examples=1", "plan.global_batch_size=8", "training.save_steps=1",
+        "training.warmup_steps=0", "training.logging_steps=5"]
+
+
+# ---- HealthGuard, unit ----------------------------------------------------------------------------------------------
+
+def guard(**safety):
+    from recipes.callbacks import HealthGuard
+
+    return HealthGuard(SimpleNamespace(**{"stop_on_nan": True, "max_grad_norm_abort": None, **safety}))
+
+
+def control():
+    return SimpleNamespace(should_log=False, should_save=True, should_training_stop=False)
+
+
+@pytest.mark.parametrize("logs,safety,expected", [
+    ({"loss": float("nan"), "grad_norm": 1.0}, {}, "loss is nan"),
+    ({"loss": float("inf"), "grad_norm": 1.0}, {}, "loss is inf"),
+    ({"loss": 2.0, "grad_norm": float("inf")}, {}, "gradient norm is inf"),
+    ({"loss": 2.0, "grad_norm": 4177.4}, {"max_grad_norm_abort": 1000.0},
+     "gradient norm 4.18e+03 exceeds safety.max_grad_norm_abort=1000"),
+])
+def test_guard_stops_and_never_saves_a_diverged_state(tmp_path, logs, safety, expected):
+    g, c = guard(**safety), control()
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=7)
+    g.on_log(args, state, c, logs=logs)
+    assert c.should_training_stop and not c.should_save
+    assert g.stop_reason.startswith(f"training diverged at step 7: {expected}; no checkpoint was saved before it")
+    assert "\n" not in g.stop_reason
+
+
+def test_guard_names_the_last_good_checkpoint(tmp_path):
+    for step in (4, 5):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    ck.mark_complete(tmp_path / "checkpoint-4")  # checkpoint-5 unmarked: not good
+    g = guard()
+    g.on_log(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=6), control(),
+             logs={"loss": float("nan")})
+    assert "the last good checkpoint checkpoint-4 is kept" in g.stop_reason
+
+
+def test_guard_healthy_values_pass_and_logging_is_forced_each_step():
+    g, c = guard(max_grad_norm_abort=10.0), control()
+    g.on_log(SimpleNamespace(output_dir="/nonexistent"), SimpleNamespace(global_step=1), c,
+             logs={"loss": 3.0, "grad_norm": 9.9})
+    assert g.stop_reason is None and not c.should_training_stop and c.should_save
+    g.on_step_end(None, None, c)
+    assert c.should_log, "HF logs every logging_steps; the guard asks for every step so it sees each loss"
+    off = guard(stop_on_nan=False)
+    c2 = control()
+    off.on_step_end(None, None, c2)
+    assert not c2.should_log, "nothing to check: no extra logging"
+
+
+def test_progress_printer_keeps_logging_steps_cadence(capsys):
+    from recipes.callbacks import ProgressPrinter
+
+    p = ProgressPrinter(SimpleNamespace(env=SimpleNamespace(is_main=True)))
+    args = SimpleNamespace(logging_steps=3, logging_first_step=False)
+    state = SimpleNamespace(global_step=0, max_steps=6, num_input_tokens_seen=0)
+    p.on_train_begin(args, state, None)
+    for step, loss in enumerate([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], start=1):
+        state.global_step = step
+        p.on_log(args, state, None, logs={"loss": loss, "learning_rate": 1e-3})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "step 3/6 | loss 2.0000" in lines[0] and "step 6/6 | loss 5.0000" in lines[1], lines
+
+
+def test_safety_section_ranges():
+    from launcher.errors import UserError
+    from recipes.callbacks import validate_safety
+
+    validate_safety(load_recipe("lora_tiny", overrides=["safety.max_grad_norm_abort=100"]))
+    for bad in ("safety.keep_checkpoints=0", "safety.max_grad_norm_abort=0", "safety.max_grad_norm_abort=.inf"):
+        with pytest.raises(UserError, match=bad.split("=")[0]):
+            validate_safety(load_recipe("lora_tiny", overrides=[bad]))
+
+
+# ---- divergence, end to end -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_nan_loss_stops_run_keeps_last_good_checkpoint(tmp_path, capsys):
+    """learning_rate=1e30: Adam moves every LoRA weight by ~1e30 at step 1, so B@A overflows and the step-2 loss is
+    NaN. The run stops at step 2 (not at the next logging_steps=5), exit 1, one line; checkpoint-1 stays."""
+    out = tmp_path / "out"
+    code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "training.max_steps=6",
+                         "training.learning_rate=1e30", *TINY)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ftlaunch")]
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("ftlaunch: error: training diverged at step 2: loss is nan; "
+                                               "the last good checkpoint checkpoint-1 is kept"), err
+    m = manifest(out)
+    assert m["status"] == "failed" and m["step"] == 2 and m["error"] == err[0].removeprefix("ftlaunch: error: ")
+    assert [p.name for p in ck.checkpoints(out)] == ["checkpoint-1"] and ck.is_complete(out / "checkpoint-1")
+    assert not (out / "adapter_model.safetensors").exists(), "a diverged model is not saved as the result"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "checkpoint-1" / "adapter_model.safetensors"))
+    assert all(bool(t.isfinite().all()) for t in weights.values()), "the kept checkpoint is finite"
+
+
+# ---- safe defaults ------------------------------------------------------------------------------------------------
+
+WANDB = "wandb-planted-7c1e9f5d2b8a4e6f"
+HF = "hf_PlantedSecretTokenAbcdefghijklmnop"
+
+
+def test_secret_overrides_are_refused(tmp_path, capsys):
+    """A token on the command line would be pickled into every checkpoint's training_args.bin: refused, exit 2."""
+    for override in (f"training.hub_token={HF}", f"sft.hf_token={HF}", f"description={HF}"):
+        out = tmp_path / "out"
+        assert run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", override) == 2
+        err = capsys.readouterr().err
+        assert "looks like a secret" in err and HF not in err and err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.slow
+def test_no_secret_reaches_the_output_dir_and_weights_are_safetensors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", WANDB)
+    monkeypatch.setenv("HF_TOKEN", HF)
+    out = tmp_path / "out"
+    # the env secret also typed into a harmless field: the manifest's command and recipe.yaml must redact it
+    assert run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "training.max_steps=2",
+                         f"description=run {WANDB}", "data.max_length=8", *TINY) == 0
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.relative_to(out).as_posix() for p in files}
+    assert any("events.out.tfevents" in n for n in names), "tensorboard events are part of the check"
+    assert "training_args.bin" in names and "checkpoint-2/training_args.bin" in names
+    for path in files:
+        data = path.read_bytes()
+        for secret in (WANDB, HF):
+            assert secret.encode() not in data, f"{secret[:8]}... found in {path.relative_to(out)}"
+    m = manifest(out)
+    data = m["metrics"]["data"]  # too-long rows (max_length=8) are truncated and counted in the summary
+    assert data["too_long"] == "truncate" and data["truncated"] > 0 and data["truncated"] <= data["rows_read"], data
+    assert m["config"]["description"] == "***" or "***" in m["config"]["description"]
+    assert any("***" in part for part in m["command"]) and m["seed"] == 42 and m["git_revision"]
+    assert m["versions"]["torch"] and m["versions"]["transformers"] and m["plan"] and m["world_size"] == 1
+    # weights: safetensors only (transformers 5 has no pickle-weights option left); HF's own checkpoint extras
+    # (optimizer.pt, scheduler.pt, rng_state.pth, training_args.bin) are pickles it loads with weights_only=True,
+    # except training_args.bin, which nothing loads on resume.
+    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-2" / "adapter_model.safetensors").exists()
+    weight_pickles = [n for n in names if re.search(r"(model|adapter)[^/]*\.(bin|pt|pth)$", n)]
+    assert weight_pickles == [], weight_pickles
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def _our_python_files():
+    return [p for d in ("launcher", "recipes", "bench") for p in (REPO / d).rglob("*.py")]
+
+
+def test_torch_load_only_with_weights_only():
+    offenders = []
+    for path in _our_python_files():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_no_code_evaluated_from_configs():
+    pattern = re.compile(r"(?<![\w.])(eval|exec)\(|pickle\.loads?\(|yaml\.load\((?!.*Loader=_Loader)|yaml\.unsafe_load|"
+                         r"dill\.|marshal\.loads|__import__\(")
+    offenders = []
+    for path in _our_python_files():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line.split("#")[0]):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", sorted(available_recipes()))
+def test_no_remote_code_by_default(name):
+    assert load_recipe(name).model.trust_remote_code is False
+
+
+def test_builder_passes_trust_remote_code_from_config_only():
+    text = (REPO / "recipes" / "builder.py").read_text()
+    uses = re.findall(r"trust_remote_code=([\w.]+)", text)
+    assert uses and set(uses) == {"cfg.model.trust_remote_code"}, uses
+    assert "trust_remote_code=True" not in "".join(p.read_text() for p in _our_python_files())
+
