@@ -1,0 +1,66 @@
+"""Reward model: TRL's RewardTrainer (Bradley-Terry loss) on preference pairs, a sequence-classification head with one
+output. Full fine-tuning or adapters (LoRA/DoRA, task type SEQ_CLS: the score head is trained and saved with them).
+
+Reports pairwise accuracy on held-out pairs (score(chosen) > score(rejected)) before and after training, measured on
+freshly loaded models. The output directory is what `ppo.reward_model` / `grpo.reward` point at.
+"""
+from __future__ import annotations
+
+from recipes import builder, common, rewards
+
+DATA_KIND = "preference"
+
+
+def build(ctx):
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from recipes.data import load_data
+
+    cfg, plan = ctx.cfg, ctx.plan
+    section = cfg.section("rm")
+    path = builder.model_path(cfg)
+    tokenizer = builder.load_tokenizer(cfg, path)
+    bundle = load_data(cfg.data, DATA_KIND, tokenizer, seed=cfg.seed)
+    ctx.stats.update(bundle.stats)
+    has_eval = bundle.eval is not None and len(bundle.eval) > 0
+    method_defaults = dict(max_length=cfg.data.max_length, eval_strategy="no", dataset_num_proc=None)
+    if section.get("center_rewards_coefficient") is not None:
+        method_defaults["center_rewards_coefficient"] = float(section["center_rewards_coefficient"])
+    args = common.make_args(RewardConfig, common.training_kwargs(ctx, **method_defaults))
+    model = builder.load_model(cfg, plan, path, auto_class=AutoModelForSequenceClassification, num_labels=1,
+                               pad_token_id=tokenizer.pad_token_id)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    trainer = RewardTrainer(model=model, args=args, train_dataset=bundle.train,
+                            eval_dataset=bundle.eval if has_eval else None, processing_class=tokenizer,
+                            peft_config=builder.peft_config(cfg, "SEQ_CLS"))
+    evaluator = pairwise_evaluator(ctx, bundle.eval.to_list() if has_eval else [], path, tokenizer) \
+        if has_eval else None
+    return trainer, evaluator
+
+
+def pairwise_evaluator(ctx, rows: list[dict], base_path: str, tokenizer):
+    """Held-out pairwise accuracy of the reward model: before (base + fresh head, seeded) and after (saved output)."""
+    cfg, plan = ctx.cfg, ctx.plan
+    rows = [r for r in rows if isinstance(r.get("chosen"), str) and isinstance(r.get("rejected"), str)]
+    rows = rows[: max(cfg.eval.num_examples, 0)]
+    if not rows:
+        return None
+    for r in rows:
+        r.setdefault("prompt", "")
+
+    def evaluate(when: str) -> dict:
+        import torch
+
+        dtype = builder.torch_dtype(cfg, plan)
+        if when == "before":
+            with torch.random.fork_rng(devices=[]):  # a seeded fresh head: "before" is chance level, repeatably
+                torch.manual_seed(cfg.seed)
+                model = rewards.load_scorer_model(base_path, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
+        else:
+            model = rewards.load_scorer_model(str(ctx.output_dir), dtype=dtype, pad_token_id=tokenizer.pad_token_id)
+        result = rewards.pairwise_accuracy(model, tokenizer, rows)
+        del model
+        return result
+
+    return evaluate
