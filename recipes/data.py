@@ -95,7 +95,10 @@ class RawSource:
 def _read_source(source: str, data_cfg, kind: str, seed: int, for_eval: bool) -> RawSource:
     source = source.strip()
     if source.startswith("synthetic:"):
-        return _read_synthetic(source, data_cfg, kind, seed, for_eval)
+        from recipes import real_tasks  # tasks for the real pretrained models (chat_arith, sentiment)
+
+        raw = real_tasks.read_source(source, data_cfg, kind, seed, for_eval)
+        return raw if raw is not None else _read_synthetic(source, data_cfg, kind, seed, for_eval)
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_BUILDERS)
@@ -123,7 +126,8 @@ def _read_synthetic(source: str, data_cfg, kind: str, seed: int, for_eval: bool)
     if spec not in synthetic.TASKS or unknown:
         what = f"option(s) {', '.join(sorted(unknown))}" if unknown and spec in synthetic.TASKS else f"task '{spec}'"
         raise UserError(f"{source}: unknown synthetic {what}; use synthetic:arith or synthetic:reverse "
-                        f"(options: ?max_operand=N&positive_fraction=F&order=reversed|natural)")
+                        f"(options: ?max_operand=N&positive_fraction=F&order=reversed|natural), or "
+                        f"synthetic:chat_arith / synthetic:sentiment for the real models")
     try:
         max_operand = int(options.get("max_operand", synthetic.DEFAULT_MAX_OPERAND))
         positive_fraction = float(options.get("positive_fraction", 0.5))
