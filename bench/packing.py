@@ -68,7 +68,7 @@ def measure(trainer, pad_id: int, steps: int, warmup: int = 2) -> dict:
     for i, batch in enumerate(batches):
         start = time.perf_counter()
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
-        loss = model(**inputs).loss
+        loss = model(**inputs, use_cache=False).loss  # as TRL's compute_loss: keeps packed rows isolated
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -79,9 +79,14 @@ def measure(trainer, pad_id: int, steps: int, warmup: int = 2) -> dict:
             "batches": len(batches) - warmup}
 
 
-def cross_attention_check(tokenizer, implementation: str) -> float:
+def cross_attention_check(tokenizer, implementation: str, use_cache) -> float:
     """Max |logit difference| between two examples run alone and the same two packed into one padding-free row
-    (position_ids restart at 0, no attention mask). ~0 means no attention across the example boundary."""
+    (position_ids restart at 0, no attention mask). ~0 means no attention across the example boundary.
+
+    transformers 5 builds the block-diagonal mask from position_ids for sdpa/eager too, but only when no KV cache
+    is in play: a forward with the config's default use_cache=True creates one and skips the detection. The HF
+    Trainer sets config.use_cache = args.use_cache (False) and TRL's compute_loss passes use_cache=False, so
+    training is isolated; a hand-written loop over packed batches must pass use_cache=False itself."""
     import torch
 
     from recipes.tiny import tiny_model
@@ -89,8 +94,8 @@ def cross_attention_check(tokenizer, implementation: str) -> float:
     model = tiny_model(tokenizer, seed=1, attn_implementation=implementation).eval()
     first, second = tokenizer("12+7=19")["input_ids"], tokenizer("the model learns from data")["input_ids"]
     with torch.no_grad():
-        alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids in (first, second)]
-        packed = model(input_ids=torch.tensor([first + second]),
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=use_cache).logits[0] for ids in (first, second)]
+        packed = model(input_ids=torch.tensor([first + second]), use_cache=use_cache,
                        position_ids=torch.tensor([list(range(len(first))) + list(range(len(second)))])).logits[0]
     return float((packed - torch.cat(alone)).abs().max())
 
@@ -102,6 +107,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     opts = parser.parse_args()
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -113,6 +119,8 @@ def main() -> None:
     datasets.disable_progress_bars()
     hf_logging.set_verbosity_error()
     torch.manual_seed(opts.seed)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
 
     from recipes.data import padding_fraction
     from recipes.tiny import tiny_tokenizer
@@ -123,10 +131,11 @@ def main() -> None:
     print(f"data: {len(texts)} rows, tokens per row min {min(lengths)} / mean {sum(lengths) / len(lengths):.0f} / "
           f"max {max(lengths)}; max_length {opts.max_length}, batch size {opts.batch_size}")
     print("predicted padding (recipes.data.padding_fraction):")
-    print(f"  unpacked, padded per batch        {padding_fraction(lengths, opts.batch_size, False, opts.max_length):6.1%}")
-    print(f"  packed (BFD), bins padded         {padding_fraction(lengths, opts.batch_size, True, opts.max_length):6.1%}")
-    print(f"  packed (BFD), padding-free (TRL)  "
-          f"{padding_fraction(lengths, opts.batch_size, True, opts.max_length, padding_free=True):6.1%}")
+    for label, packed, free in (("unpacked, padded per batch", False, False),
+                                ("packed (BFD), bins padded", True, False),
+                                ("packed (BFD), padding-free (TRL)", True, True)):
+        share = padding_fraction(lengths, opts.batch_size, packed, opts.max_length, padding_free=free)
+        print(f"  {label:33s} {share:6.1%}")
 
     import tempfile
 
@@ -144,9 +153,10 @@ def main() -> None:
     speedup = results[True]["tokens_per_s"] / results[False]["tokens_per_s"]
     print(f"  packed/unpacked throughput: x{speedup:.2f}")
     for implementation in ("sdpa", "eager"):
-        diff = cross_attention_check(tokenizer, implementation)
-        verdict = "no cross-example attention" if diff < 1e-4 else "EXAMPLES ATTEND ACROSS THE BOUNDARY"
-        print(f"packed-row isolation ({implementation}): max |logit diff| {diff:.2e} -> {verdict}")
+        for use_cache, when in ((False, "use_cache=False, as the trainers run"), (None, "config default use_cache")):
+            diff = cross_attention_check(tokenizer, implementation, use_cache)
+            verdict = "isolated" if diff < 1e-4 else "EXAMPLES ATTEND ACROSS THE BOUNDARY"
+            print(f"packed-row isolation, {implementation}, {when}: max |logit diff| {diff:.1e} -> {verdict}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""The planner's predicted peak per GPU (`launcher.planner.estimate`) vs the measured peak, configuration by
+configuration (method x seq len x micro-batch x checkpointing, shapes 0.5B-7B). Goal: within +-10 % each.
+
+    .venv/bin/python bench/memory_accuracy.py                  # on a GPU: 15 configurations, ~1 min each
+    .venv/bin/python bench/memory_accuracy.py --only 0,1,2     # a subset (indices as printed by --list)
+    .venv/bin/python bench/memory_accuracy.py --tiny           # CPU: tiny shapes, RSS; code path only
+
+Every configuration runs in a fresh process through ftlaunch's own path (recipe sft_7b / lora_7b / qlora_7b with the
+model swapped for random weights of the card's shape, plan pinned to ZeRO-0, the given micro-batch and
+checkpointing, global batch = micro-batch) for a few optimizer steps on random-digit rows that are exactly `seq`
+tokens long. Measured: torch.cuda.max_memory_allocated over the whole process (load + steps); reserved beside it.
+The prediction's `total` includes the planner's 1 GiB CUDA-runtime constant (context, cuBLAS workspace), which the
+allocator does not see; the table shows the error against allocated and against allocated + that constant.
+
+On CPU (--tiny) the only honest meter is the process's max RSS (ru_maxrss; torch allocations are invisible to
+tracemalloc): it includes python/torch/transformers themselves (the planner's CPU-runtime constant is 1 GiB), so the
+table also shows the delta over the RSS measured just before the model is loaded. CPU figures are not the goal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+
+GOAL = 0.10
+RECIPES = {"full": "sft_7b", "lora": "lora_7b", "qlora": "qlora_7b"}
+
+# (card, method, seq, micro-batch, checkpointing): 0.5B-7B, every method, both checkpointing settings.
+GPU_CONFIGS = [
+    ("qwen2.5-0.5b", "full", 512, 4, False),
+    ("qwen2.5-0.5b", "full", 2048, 1, False),
+    ("qwen2.5-0.5b", "full", 2048, 4, True),
+    ("qwen2.5-0.5b", "lora", 2048, 2, False),
+    ("qwen2.5-0.5b", "lora", 1024, 8, True),
+    ("qwen2.5-0.5b", "qlora", 2048, 2, False),
+    ("qwen2.5-1.5b", "full", 1024, 1, True),
+    ("qwen2.5-1.5b", "lora", 2048, 2, True),
+    ("llama-2-7b", "lora", 512, 2, False),
+    ("llama-2-7b", "lora", 2048, 1, False),
+    ("llama-2-7b", "lora", 2048, 4, True),
+    ("llama-2-7b", "qlora", 2048, 1, False),
+    ("llama-2-7b", "qlora", 2048, 4, True),
+    ("llama-2-7b", "qlora", 4096, 1, True),
+    ("llama-2-7b", "qlora", 512, 8, False),
+]
+# Tiny shapes for the CPU code-path check (names map to tiny_shape overrides below).
+TINY_SHAPES = {"tiny-256": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+                            "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 4096},
+               "tiny-512": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
+                            "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 8192}}
+TINY_CONFIGS = [
+    ("tiny-256", "full", 128, 2, False), ("tiny-256", "full", 256, 8, False), ("tiny-256", "full", 256, 8, True),
+    ("tiny-256", "lora", 256, 8, False), ("tiny-256", "lora", 256, 8, True), ("tiny-256", "qlora", 256, 8, False),
+    ("tiny-512", "full", 256, 4, False), ("tiny-512", "full", 256, 4, True), ("tiny-512", "lora", 128, 8, False),
+    ("tiny-512", "lora", 256, 8, True), ("tiny-512", "qlora", 256, 4, False), ("tiny-512", "qlora", 256, 8, True),
+]
+
+
+def shape_of(card: str):
+    from launcher.shapes import resolve_shape, tiny_shape
+
+    if card in TINY_SHAPES:
+        return tiny_shape(TINY_SHAPES[card], card)
+    return resolve_shape(card)
+
+
+def worker(opts) -> dict:
+    common.setup_env()
+    common.quiet_libraries()
+    card, method, seq, micro, ckpt = opts.config
+    result = {"card": card, "method": method, "seq": seq, "micro": micro, "ckpt": ckpt}
+    result.update(common.pinned_run(RECIPES[method], opts.model_dir, opts.data, seq=seq, micro=micro,
+                                    global_batch=micro, checkpointing=ckpt, steps=opts.steps))
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU: tiny shapes, process RSS")
+    parser.add_argument("--only", default=None, help="comma-separated indices into the configuration list")
+    parser.add_argument("--limit", type=int, default=None, help="first N configurations")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--list", action="store_true", help="print the configurations and exit")
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.worker:
+        opts.config = json.loads(opts.worker)
+        common.emit(worker(opts))
+        return 0
+    configs = TINY_CONFIGS if opts.tiny else GPU_CONFIGS
+    chosen = list(range(len(configs)))
+    if opts.only:
+        chosen = [int(i) for i in opts.only.split(",") if i.strip()]
+    if opts.limit:
+        chosen = chosen[:opts.limit]
+    if opts.list:
+        for i, c in enumerate(configs):
+            print(i, *c)
+        return 0
+
+    common.setup_env()
+    import torch
+
+    gpu = torch.cuda.is_available()
+    common.print_header("memory accuracy: planner estimate() vs measured peak"
+                        + ("" if gpu else " (CPU, tiny shapes: code path only, not the goal)"))
+    if not gpu and not opts.tiny:
+        print("no GPU here: run with --tiny for the CPU code-path check; the real figures need a GPU")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="bench-mem-data-"))
+    rows = []
+    for i in chosen:
+        card, method, seq, micro, ckpt = configs[i]
+        shape = shape_of(card)
+        model_dir = common.random_model_dir(shape, max_positions=max(4096, seq))
+        data = common.digit_text_file(work / f"seq{seq}.jsonl", 64, seq)
+        print(f"   [{i}] {card} {method} seq {seq} micro {micro} ckpt {'on' if ckpt else 'off'} ...", flush=True)
+        r = common.run_worker(["bench/memory_accuracy.py", "--worker", json.dumps(configs[i]), "--model-dir",
+                               model_dir, "--data", data], timeout=1800)
+        r.update(index=i, card=card, method=method, seq=seq, micro=micro, ckpt=ckpt)
+        pred = (r.get("predicted") or {}).get("total")
+        if gpu and pred and r.get("max_allocated"):
+            from launcher.memory import CUDA_RUNTIME_BYTES
+
+            r["err"] = pred / r["max_allocated"] - 1
+            r["err_rt"] = pred / (r["max_allocated"] + CUDA_RUNTIME_BYTES) - 1
+        elif pred and r.get("max_rss"):
+            from launcher.memory import CPU_RUNTIME_BYTES
+
+            r["err"] = pred / r["max_rss"] - 1
+            delta = r["max_rss"] - r.get("rss_before_load", 0)
+            r["delta"] = delta
+            r["err_rt"] = (pred - CPU_RUNTIME_BYTES) / delta - 1 if delta > 0 else None
+        rows.append(r)
+    pct = lambda k: (lambda r: None if r.get(k) is None else f"{100 * r[k]:+.1f}%")  # noqa: E731
+    cols = [("#", "index"), ("model", "card"), ("method", "method"), ("seq", "seq"), ("micro", "micro"),
+            ("ckpt", lambda r: "on" if r["ckpt"] else "off"),
+            ("pred GiB", lambda r: common.gib((r.get("predicted") or {}).get("total")))]
+    if gpu:
+        cols += [("alloc GiB", lambda r: common.gib(r.get("max_allocated"))),
+                 ("reserved GiB", lambda r: common.gib(r.get("max_reserved"))),
+                 ("err vs alloc", pct("err")), ("err vs alloc+1GiB", pct("err_rt"))]
+    else:
+        cols += [("maxRSS GiB", lambda r: common.gib(r.get("max_rss"))), ("err vs RSS", pct("err")),
+                 ("RSS delta GiB", lambda r: common.gib(r.get("delta"))),
+                 ("err (pred-1GiB) vs delta", pct("err_rt"))]
+    cols.append(("error", lambda r: (r.get("error") or "")[:100] or None))
+    print()
+    common.print_table(rows, cols)
+    measured = [r for r in rows if r.get("err") is not None]
+    key = "err_rt" if gpu else "err"
+    within = [r for r in measured if r.get(key) is not None and abs(r[key]) <= GOAL]
+    oom = [r for r in rows if "OOM" in (r.get("error") or "")]
+    print(f"\n   FIGURE {len(within)}/{len(rows)} configurations within +-{GOAL:.0%} "
+          f"({'prediction vs allocated + 1 GiB runtime' if gpu else 'CPU RSS; not the goal'}); "
+          f"worst {max((abs(r[key]) for r in measured if r.get(key) is not None), default=float('nan')):.1%}; "
+          f"OOM {len(oom)}; failed {len([r for r in rows if r.get('error')])}")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(rows, indent=2, default=str))
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

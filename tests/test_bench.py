@@ -1,0 +1,113 @@
+"""Smoke tests of the benchmark scripts (bench/). Benchmarks print figures; these only check that they run.
+
+Fast tests (seconds): the pure parts — configuration lists, the FLOPs formula, random-model configs matching the
+cards, the synthetic data's token counts. Slow tests (`-m slow`, minutes on a 2-core CPU): each script's `--tiny`
+mode end to end in a subprocess, the same way a user runs it.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = ["overhead", "qlora_7b", "memory_accuracy", "plan_sweep"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS + ["common"])
+def test_bench_modules_import(name):
+    module = importlib.import_module(f"bench.{name}")
+    assert module.__doc__
+
+
+def test_memory_accuracy_configurations_cover_the_issue():
+    from bench.memory_accuracy import GPU_CONFIGS, RECIPES, TINY_CONFIGS, shape_of
+    from launcher.inventory import parse_spec
+    from launcher.planner import PlanRequest, estimate
+
+    assert len(GPU_CONFIGS) >= 12 and len(TINY_CONFIGS) >= 12
+    cards = {c[0] for c in GPU_CONFIGS}
+    assert {"qwen2.5-0.5b", "llama-2-7b"} <= cards
+    assert {c[1] for c in GPU_CONFIGS} == set(RECIPES)
+    assert {c[4] for c in GPU_CONFIGS} == {True, False}
+    assert len({c[2] for c in GPU_CONFIGS}) >= 3 and len({c[3] for c in GPU_CONFIGS}) >= 3
+    h100 = parse_spec("1xH100-80GB")
+    for card, method, seq, micro, ckpt in GPU_CONFIGS:  # every configuration is one the planner says fits an H100
+        shape = shape_of(card)
+        request = PlanRequest(shape=shape, method=method, seq_len=seq, global_batch_size=micro,
+                              lora_r=64 if method == "qlora" else 16,
+                              optimizer="paged_adamw_8bit" if method == "qlora" else "adamw_torch")
+        assert estimate(request, h100, shape, zero_stage=0, offload="none", gradient_checkpointing=ckpt,
+                        micro_batch_size=micro)["fits"], (card, method, seq, micro, ckpt)
+
+
+@pytest.mark.parametrize("card", ["llama-2-7b", "qwen2.5-0.5b"])
+def test_random_model_config_has_the_cards_parameter_count(card):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.common import hf_config
+    from launcher.shapes import from_hf_config, resolve_shape
+
+    shape = resolve_shape(card)
+    config = hf_config(shape)
+    assert from_hf_config(config.to_dict()).num_params == shape.num_params
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == shape.num_params
+
+
+def test_flops_formula_for_llama_2_7b():
+    from bench.qlora_7b import flops_per_token, shape_for
+
+    shape = shape_for(tiny=False)
+    assert 6.7e9 < shape.num_params < 6.8e9
+    n = shape.layers * shape.linear_params_per_layer + shape.vocab * shape.hidden
+    assert flops_per_token(shape, 2048) == 4 * n + 12 * 32 * 2048 * 4096
+
+
+def test_digit_rows_are_longer_than_seq(tmp_path):
+    from bench.common import digit_text_file
+    from recipes.tiny import tiny_tokenizer
+
+    path = digit_text_file(tmp_path / "d.jsonl", 3, 100)
+    tokenizer = tiny_tokenizer()
+    for line in path.read_text().splitlines():
+        assert len(tokenizer(json.loads(line)["text"])["input_ids"]) > 100
+
+
+def test_sweep_micro_batches_and_table(capsys):
+    from bench.common import print_table
+    from bench.plan_sweep import micro_batches
+
+    assert micro_batches(16) == [1, 2, 4, 8, 16]
+    print_table([{"a": 1, "b": 0.5}], [("a", "a"), ("b", "b")])
+    assert "0.5" in capsys.readouterr().out
+
+
+def _run(args: list, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ["bench/overhead.py", "--tiny", "--steps", "3"],
+    ["bench/qlora_7b.py", "--tiny", "--steps", "2", "--warmup", "1"],
+    ["bench/memory_accuracy.py", "--tiny", "--only", "0,5", "--steps", "2"],
+    ["bench/plan_sweep.py", "--tiny", "--micro", "8", "--steps", "2"],
+], ids=SCRIPTS)
+def test_tiny_mode_runs(args, tmp_path):
+    proc = _run(args + ([] if "overhead" in args[0] else ["--json", str(tmp_path / "rows.json")]))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "FIGURE" in out
+    if "overhead" not in args[0]:
+        rows = json.loads((tmp_path / "rows.json").read_text())
+        assert rows and not any(r.get("error") for r in rows), rows
