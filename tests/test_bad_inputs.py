@@ -1,0 +1,218 @@
+"""Bad input, end to end: every case is one line on stderr naming what is wrong and how to fix it, exit code 2, no
+traceback, and no half-created output directory.
+
+tests/test_config.py covers the recipe loader itself (15 parametrised config cases + YAML/CLI cases); the cases here go
+through `ftlaunch run` / `ftlaunch plan` (in-process, fast), and a few through the real command line."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, deepspeed_cmd, run_cli, run_inprocess
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def good_rows(n: int = 8) -> list[dict]:
+    return [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(n)]
+
+
+NOISE = re.compile(r"\[\d\d:\d\d|%\||^Failed to load JSON from file")  # datasets' progress bars and logger
+
+
+@pytest.fixture(autouse=True)
+def _quiet_datasets():
+    """In-process runs: silence datasets' progress bars and logger, so stderr holds exactly what ftlaunch says.
+    (Through the real CLI they still print; the subprocess tests filter them with NOISE.)"""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    yield
+    datasets.enable_progress_bars()
+    datasets.logging.set_verbosity_warning()
+
+
+def assert_clean_failure(code: int, err: str, out_dir: Path, *expected: str) -> None:
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not NOISE.search(line)]
+    assert code == 2, err
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("ftlaunch: error: "), lines
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert "Traceback" not in err
+    assert not out_dir.exists(), f"half-created output directory: {sorted(p.name for p in out_dir.iterdir())}"
+
+
+# ---- `ftlaunch run`, in-process: config, combinations, resume, safety -------------------------------------------
+
+def _data(tmp_path: Path, kind: str) -> str:
+    """A data file for one bad-data case; returns its path."""
+    if kind == "missing_file":
+        return str(tmp_path / "nope.jsonl")
+    if kind == "empty":
+        p = tmp_path / "empty.jsonl"
+        p.write_text("", encoding="utf-8")
+        return str(p)
+    if kind == "missing_field":
+        rows = good_rows(4)
+        rows[2] = {"prompt": "7+1="}
+        return str(write_jsonl(tmp_path / "rows.jsonl", rows))
+    if kind == "non_utf8":
+        p = tmp_path / "latin.jsonl"
+        p.write_bytes(b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "caf\xe9", "completion": "x"}\n')
+        return str(p)
+    if kind == "identical_pair":
+        rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q2", "chosen": "same", "rejected": "same"}]
+        return str(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    if kind == "too_long_all_dropped":
+        rows = [{"prompt": "1+1=" * 40, "completion": "2"} for _ in range(6)]
+        return str(write_jsonl(tmp_path / "long.jsonl", rows))
+    if kind == "bad_json":
+        return str(write_jsonl(tmp_path / "broken.jsonl", [json.dumps(good_rows(1)[0]), '{"prompt": "2+1=", ']))
+    if kind == "bad_extension":
+        p = tmp_path / "data.txt"
+        p.write_text("hello\n")
+        return str(p)
+    if kind == "bad_role":
+        rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "yo"}]}]
+        return str(write_jsonl(tmp_path / "chat.jsonl", rows))
+    if kind == "undetectable":
+        return str(write_jsonl(tmp_path / "odd.jsonl", [{"question": "1+1", "answer": "2"}]))
+    raise AssertionError(kind)
+
+
+BAD_RUNS = [
+    # id, recipe, overrides, data kind (None: no file), expected fragments of the one line
+    ("wrong_type_seed", "lora_tiny", ["seed=abc"], None, ["seed: expected an integer"]),
+    ("range_max_length", "lora_tiny", ["data.max_length=4"], None, ["data.max_length: must be at least 8"]),
+    ("range_num_examples", "lora_tiny", ["data.num_examples=0"], None, ["data.num_examples: must be positive"]),
+    ("range_max_steps", "lora_tiny", ["training.max_steps=0"], None, ["training.max_steps: must be a positive"]),
+    ("unknown_training_key", "lora_tiny", ["training.learning_rat=1e-3"], None,
+     ["training.learning_rat", "did you mean 'training.learning_rate'"]),
+    ("plan_owned_training_key", "lora_tiny", ["training.per_device_train_batch_size=4"], None,
+     ["training.per_device_train_batch_size: set by plan.micro_batch_size"]),
+    ("bad_format_name", "lora_tiny", ["data.format=jsonl"], None, ["data.format: 'jsonl' is not one of"]),
+    ("missing_model_path", "lora_tiny", ["model.name=/nonexistent"], None, ["'/nonexistent'", "config.json"]),
+    ("qlora_full_finetune", "qlora_tiny", ["peft.method=none"], None, ["QLoRA trains adapters only"]),
+    ("ppo_without_reward_model", "ppo_tiny", ["ppo.reward_model=null"], None, ["ppo.reward_model"]),
+    ("micro_batch_not_dividing", "lora_tiny", ["plan.micro_batch_size=5"], None, ["plan.micro_batch_size=5"]),
+    ("keep_checkpoints_zero", "lora_tiny", ["safety.keep_checkpoints=0"], None, ["safety.keep_checkpoints"]),
+    ("grad_norm_abort_negative", "lora_tiny", ["safety.max_grad_norm_abort=-1"], None,
+     ["safety.max_grad_norm_abort"]),
+    ("data_missing_file", "lora_tiny", [], "missing_file", ["nope.jsonl: file not found"]),
+    ("data_empty", "lora_tiny", [], "empty", ["empty.jsonl"]),
+    ("data_row_missing_field", "lora_tiny", [], "missing_field", ["rows.jsonl row 3", "'completion'"]),
+    ("data_non_utf8", "lora_tiny", [], "non_utf8", ["latin.jsonl line 2", "not valid UTF-8"]),
+    ("data_identical_preference", "dpo_tiny", [], "identical_pair", ["pairs.jsonl row 2", "identical"]),
+    ("data_too_long_all_dropped", "lora_tiny", ["data.too_long=drop", "data.max_length=16"], "too_long_all_dropped",
+     ["no rows left after dropping over-long ones"]),
+    ("data_bad_json", "lora_tiny", [], "bad_json", ["broken.jsonl"]),
+    ("data_bad_extension", "lora_tiny", [], "bad_extension", ["unsupported file type '.txt'"]),
+    ("data_bad_role", "lora_tiny", [], "bad_role", ["role 'robot'"]),
+    ("data_undetectable_format", "lora_tiny", [], "undetectable", ["cannot tell the data format", "data.format"]),
+]
+
+
+@pytest.mark.parametrize("case,recipe,overrides,data,expected", BAD_RUNS, ids=[c[0] for c in BAD_RUNS])
+def test_bad_run_input(case, recipe, overrides, data, expected, tmp_path, capsys):
+    out = tmp_path / "out"
+    extra = [f"data.source={_data(tmp_path, data)}"] if data else []
+    code = run_inprocess("run", "--recipe", recipe, f"output_dir={out}", "training.max_steps=2", "data.num_examples=32",
+                         *extra, *overrides)
+    assert_clean_failure(code, capsys.readouterr().err, out, *expected)
+
+
+def test_resume_from_missing_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "--resume", str(tmp_path / "ckpt-9"),
+                         "data.num_examples=32")  # overrides on both sides of --resume
+    assert_clean_failure(code, capsys.readouterr().err, out, "--resume", "no such checkpoint directory")
+
+
+def test_recipe_and_config_both_given(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_inprocess("run", "--recipe", "lora_tiny", "--config", str(tmp_path / "x.yaml"), f"output_dir={out}")
+    assert_clean_failure(code, capsys.readouterr().err, out, "give exactly one of --recipe NAME or --config FILE")
+
+
+def test_global_batch_not_divisible_by_ranks(tmp_path, capsys, monkeypatch):
+    """What each of 2 deepspeed ranks sees (RANK/LOCAL_RANK/WORLD_SIZE set): refused before anything starts."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "plan.global_batch_size=3")
+    assert_clean_failure(code, capsys.readouterr().err, out, "plan.global_batch_size=3", "2")
+
+
+def test_plan_global_batch_not_divisible(capsys):
+    code = run_inprocess("plan", "--recipe", "lora_tiny", "--inventory", "2xcpu", "plan.global_batch_size=3")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "plan.global_batch_size=3" in err, err
+
+
+def test_plan_impossible_inventory(capsys):
+    assert run_inprocess("plan", "--recipe", "lora_tiny", "--inventory", "3xfoo") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "inventory spec '3xfoo'" in err and "foo" in err, err
+
+
+def test_existing_output_dir_is_left_alone_on_bad_input(tmp_path, capsys):
+    """A bad override against an existing run directory must not delete or touch it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "training.max_steps=2",
+                         f"data.source={tmp_path / 'nope.jsonl'}")
+    assert code == 2 and "file not found" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_debug_shows_traceback(tmp_path, capsys):
+    from launcher.errors import UserError
+
+    with pytest.raises(UserError):
+        run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={tmp_path / 'o'}", "seed=abc", "--debug")
+
+
+# ---- the real command line (subprocesses) ------------------------------------------------------------------------
+
+def test_cli_unknown_recipe(tmp_path):
+    result = run_cli("--recipe", "lora_tinny", f"output_dir={tmp_path / 'out'}")
+    assert_clean_failure(result.returncode, result.stderr, tmp_path / "out", "unknown recipe 'lora_tinny'",
+                         "did you mean 'lora_tiny'?")
+
+
+def test_cli_bad_data_row(tmp_path):
+    rows = good_rows(4)
+    rows[1] = {"completion": "3"}
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    result = run_cli("--recipe", "lora_tiny", f"output_dir={tmp_path / 'out'}", f"data.source={data}")
+    assert_clean_failure(result.returncode, result.stderr, tmp_path / "out", "rows.jsonl row 2", "'prompt'")
+
+
+def test_cli_plan_impossible_inventory():
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "plan", "--recipe", "lora_tiny", "--inventory",
+                             "3xfoo"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "3xfoo" in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_two_ranks_global_batch_not_divisible(tmp_path):
+    """Under the real `deepspeed --num_gpus 2` launcher: exit 2, and one line (not one per rank)."""
+    out = tmp_path / "out"
+    result = run_cli("--recipe", "lora_tiny", f"output_dir={out}", "plan.global_batch_size=3",
+                     launcher=deepspeed_cmd(2))
+    assert result.returncode == 2, result.stderr[-2000:]
+    ours = [line for line in result.stderr.splitlines() if line.startswith("ftlaunch:")]
+    assert len(ours) == 1 and "plan.global_batch_size=3" in ours[0], ours
+    assert "Traceback" not in result.stderr and not out.exists()
