@@ -50,19 +50,27 @@ def cmd_recipes(argv: list[str]) -> int:
     return 0
 
 
-def guarded(func, argv: list[str], debug: bool) -> int:
+def _reports(verbose: bool) -> bool:
+    """Under a launcher every rank fails the same way on the same input: rank 0 says it once (others with
+    --verbose)."""
+    return verbose or os.environ.get("RANK", "0") == "0"
+
+
+def guarded(func, argv: list[str], debug: bool, verbose: bool = False) -> int:
     """Run a command; bad input -> one line + exit 2, no fit -> exit 3, no traceback unless --debug."""
     try:
         return int(func(argv) or 0)
     except UserError as e:
         if debug:
             raise
-        print(f"ftlaunch: error: {e}", file=sys.stderr)
+        if _reports(verbose):
+            print(f"ftlaunch: error: {e}", file=sys.stderr)
         return 2
     except PlanDoesNotFit as e:
         if debug:
             raise
-        print(f"ftlaunch: does not fit: {e}", file=sys.stderr)
+        if _reports(verbose):
+            print(f"ftlaunch: does not fit: {e}", file=sys.stderr)
         return 3
     except BrokenPipeError:  # `ftlaunch plan | head`: the reader left; not an error of ours
         sys.stderr = open(os.devnull, "w")
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     module, name = COMMANDS[command]
     func = getattr(importlib.import_module(module), name)
     debug = "--debug" in rest or os.environ.get("FTLAUNCH_DEBUG") == "1"
-    return guarded(func, rest, debug)
+    return guarded(func, rest, debug, verbose="--verbose" in rest)
 
 
 if __name__ == "__main__":

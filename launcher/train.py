@@ -67,7 +67,7 @@ def parse_args(argv: list[str]):
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--verbose", action="store_true", help="log from every rank, not only rank 0")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.max_steps=20")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after --resume etc.
 
 
 def make_plan(cfg, env: DistEnv):
@@ -85,10 +85,45 @@ def make_plan(cfg, env: DistEnv):
     return plan
 
 
-def newest_checkpoint(output_dir: Path) -> Path | None:
-    from launcher.checkpoints import newest_complete_checkpoint
+def newest_checkpoint(output_dir: Path, is_main: bool = False) -> Path | None:
+    """`--resume auto`: the newest checkpoint marked complete; unmarked ones (killed while saving) are reported and
+    removed by rank 0."""
+    from launcher.checkpoints import prepare_resume
 
-    return newest_complete_checkpoint(output_dir)
+    chosen, skipped = prepare_resume(output_dir, is_main)
+    if is_main:
+        for path in skipped:
+            print(f"ftlaunch: skipping incomplete {path.name} (no completion marker: the run stopped while saving "
+                  f"it); removed", file=sys.stderr, flush=True)
+    return chosen
+
+
+def join_process_group(ctx: RunContext) -> None:
+    """Under DeepSpeed every rank joins the process group before the model loads: ZeRO-3's zero.Init (inside
+    from_pretrained) sizes its partitions from deepspeed.comm, which the HF Trainer sets up only later when ranks
+    are CPUs (use_cpu=True takes accelerate's path), so zero.Init would see a world of one and fail its batch check.
+    If torch.distributed is already up, DeepSpeed just wraps it."""
+    if ctx.ds_config is None:
+        return
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
+def evaluate(evaluator, when: str):
+    """Rank 0 scores a freshly loaded copy of the model, alone: not a ZeRO-3 collective."""
+    from recipes.builder import outside_zero3
+
+    with outside_zero3():
+        return evaluator(when)
+
+
+def quiet_known_noise() -> None:
+    """bitsandbytes' CPU backend warns, on CPUs with AVX512-BF16, that the optional hub package `kernels` is absent
+    (it could not fetch its kernel offline anyway; the built-in one is used). Not the user's problem: hide it."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def quiet_other_ranks(env: DistEnv, verbose: bool) -> None:
@@ -105,12 +140,14 @@ def quiet_other_ranks(env: DistEnv, verbose: bool) -> None:
     warnings.filterwarnings("ignore")
 
 
-def write_run_files(ctx: RunContext, argv: list[str]) -> None:
-    from launcher.manifest import write_manifest
+def write_run_files(ctx: RunContext, argv: list[str], trainer) -> None:
+    from launcher.manifest import redact, write_manifest
 
     out = ctx.output_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(_yaml(to_yaml_dict(ctx.cfg)))
+    # The TrainingArguments the plan and recipe produced, readable (HF only pickles them into training_args.bin).
+    (out / "training_args.json").write_text(json.dumps(redact(trainer.args.to_dict()), indent=2, default=str))
     if ctx.ds_config is not None:
         text = json.dumps(ctx.ds_config, indent=2)
         (out / "ds_config.json").write_text(text)
@@ -129,7 +166,11 @@ def _yaml(data) -> str:
 
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
+    quiet_known_noise()
     cfg = load_recipe(args.recipe, args.config, args.overrides)
+    from recipes.callbacks import validate_safety
+
+    validate_safety(cfg)  # TODO(lead): belongs in launcher/config.py _check_ranges
     env = DistEnv.from_env(args.local_rank)
     plan = make_plan(cfg, env)
     from launcher.ds_config import deepspeed_config
@@ -162,21 +203,31 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     common.seed_everything(ctx.cfg.seed)
     resume = None
     if args.resume == "auto":
-        resume = newest_checkpoint(out)
+        resume = newest_checkpoint(out, env.is_main)
     elif args.resume != "never":
         resume = Path(args.resume)
         if not resume.is_dir():
             raise UserError(f"--resume {args.resume}: no such checkpoint directory")
+    if resume is not None:
+        from launcher.checkpoints import check_resumable
+
+        check_resumable(resume, env.world_size, ctx.ds_config is not None)
 
     started = time.time()
+    join_process_group(ctx)
     trainer, evaluator = module.build(ctx)  # loads data and model; bad data fails here, before any file is written
     ctx.callbacks.extend(common.default_callbacks(ctx, trainer))
+    from launcher.checkpoints import CheckpointCommitter
+
+    committer = CheckpointCommitter(keep=ctx.cfg.safety.keep_checkpoints)
+    committer.take_over_rotation(trainer.args)  # HF would rotate before the new checkpoint is marked complete
+    ctx.callbacks.append(committer)  # last: sees should_save set by every other callback (preemption included)
     for callback in ctx.callbacks:
         trainer.add_callback(callback)
     if env.is_main:
-        write_run_files(ctx, argv)
+        write_run_files(ctx, argv, trainer)
         common.print_start(ctx, trainer, resume)
-    before = evaluator("before") if (evaluator and env.is_main and resume is None) else None
+    before = evaluate(evaluator, "before") if (evaluator and env.is_main and resume is None) else None
     if before is None and previous:
         before = (previous.get("metrics") or {}).get("before")
 
@@ -196,13 +247,14 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     if stopped:
         if env.is_main:
             update_manifest(out, status="failed", step=trainer.state.global_step, error=stopped)
-        raise common.TrainingDiverged(stopped)
+            print(f"ftlaunch: error: {stopped}", file=sys.stderr, flush=True)
+        return common.TrainingDiverged.exit_code
 
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(str(out))
     if env.is_main and getattr(trainer, "processing_class", None) is not None:
         trainer.processing_class.save_pretrained(str(out))
-    after = evaluator("after") if (evaluator and env.is_main) else None
+    after = evaluate(evaluator, "after") if (evaluator and env.is_main) else None
     if env.is_main:
         metrics = common.collect_metrics(trainer, result, eval_metrics, before, after, time.time() - started)
         metrics["data"] = ctx.stats
