@@ -4,6 +4,7 @@ Recipes never load models themselves; they ask here, so QLoRA/LoRA/DoRA/prompt t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -120,8 +121,22 @@ def load_model(cfg, plan, path: str, auto_class=None, **kwargs):
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
+        same_4bit_kernels(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
     return model
+
+
+def same_4bit_kernels(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on one code path in training and evaluation.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a 4-bit weight in place on its first eval-mode, no-grad
+    forward, and `state_dict()` (every checkpoint save) unpacks it with a lossy inverse. Measured on SmolLM2-135M:
+    the repacked forward differs from the training forward by 0.76 in the logits, and after one state_dict() the
+    model the trainer keeps training differs from the loaded one by 0.30. So an evaluation followed by a checkpoint
+    silently changes the frozen base. Turning the repacking off (the layer's own switch) keeps the weights as loaded."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def peft_config(cfg, task_type: str = "CAUSAL_LM"):
@@ -137,6 +152,25 @@ def peft_config(cfg, task_type: str = "CAUSAL_LM"):
     if p.method == "prompt_tuning":
         return peft.PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task_type)
     return peft.PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task_type)
+
+
+@contextlib.contextmanager
+def outside_zero3():
+    """Load models as plain replicas inside a ZeRO-3 run (rank 0's before/after evaluation).
+
+    Under ZeRO-3 `from_pretrained` builds models inside deepspeed.zero.Init, a collective: one rank loading alone
+    would wait forever for the others. transformers decides that from a global HfDeepSpeedConfig; unset it for the
+    duration and put the same object back."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
 
 
 def load_trained(output_dir: str, auto_class=None, **kwargs):
@@ -164,8 +198,11 @@ def load_for_eval(cfg, plan, path: str, output_dir, when: str, auto_class=None):
     auto_class = auto_class or AutoModelForCausalLM
     if when == "after" and not (Path(output_dir) / "adapter_config.json").exists():
         return auto_class.from_pretrained(output_dir, dtype=torch_dtype(cfg, plan)), load_tokenizer(cfg, str(output_dir))
-    model = auto_class.from_pretrained(path, dtype=torch_dtype(cfg, plan), quantization_config=quantization_config(cfg, plan),
+    quant = quantization_config(cfg, plan)
+    model = auto_class.from_pretrained(path, dtype=torch_dtype(cfg, plan), quantization_config=quant,
                                        trust_remote_code=cfg.model.trust_remote_code)
+    if quant is not None:
+        same_4bit_kernels(model)
     if when == "after":
         from peft import PeftModel
 
