@@ -4,10 +4,10 @@ Pure Python (no torch, no datasets) so tests and the planner can import it for f
 
 Tasks
   arith    two-number addition, prompt "12+7=", operands 0..max_operand (default 49). The answer is written
-           units digit first ("91" for 19) by default: a tiny Llama then learns addition in a few hundred steps
-           (measured: 95 % exact match on unseen sums after 600 steps), because each answer digit only needs the
-           digits and carry already seen. Written the usual way ("19", order="natural") the first digit needs the
-           carry of digits not yet produced, and the same model reaches ~10 % in the same budget.
+           units digit first ("91" for 19) by default: each answer digit then only needs digits and a carry the
+           model has already seen. Measured (tiny Llama, full SFT, 2000 rows, batch 32, lr 1e-3 cosine, 600 steps,
+           ~20 s on 2 cores; exact match on 200 unseen sums, seeds 0/1/2): units-first 92 / 97.5 / 77.5 %,
+           natural order ("19", order="natural") 15.5 / 68 / 27 %. lr 3e-3 is too high for either.
   reverse  reverse a short lowercase string, prompt "rev abc=" answer "cba"
 
 `make_examples` yields base rows {prompt, answer}; the `*_rows` views turn them into what each kind of training

@@ -113,7 +113,9 @@ def tiny_tokenizer(cache_dir: Optional[str] = None, padding_side: str = "right")
     return tokenizer
 
 
-# Sized so full SFT learns two-digit addition on a 2-core CPU in a couple of minutes (see the module's report).
+# Sized so full SFT learns two-digit addition on a 2-core CPU in well under a minute of training: 2000 synthetic
+# rows, batch 32, lr 1e-3 (cosine, 20 warmup), 600 steps -> 77-97 % exact match on unseen sums (0 % before);
+# 1000 steps -> 100 % (seeds 1, 2). lr 3e-3 learns much less reliably (5-95 % depending on the seed).
 TINY_DEFAULTS = dict(
     hidden_size=128,
     intermediate_size=256,

@@ -207,6 +207,10 @@ def test_messages_and_sharegpt(tmp_path, tok):
     share = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
                                                                   {"from": "gpt", "value": "Hello"}]}])
     assert load_data(cfg(source=share, eval_ratio=0.0), "sft").train[0]["messages"] == chat
+    # Arrow gives every message the union of keys in the file (here 'name'), absent ones as None
+    extra = write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": "user", "content": "Hi", "name": "ann"},
+                                                             {"role": "assistant", "content": "Hello"}]}])
+    assert load_data(cfg(source=extra, eval_ratio=0.0), "sft").train[0]["messages"] == chat
 
 
 def test_prompt_completion_and_conversational(tmp_path):
