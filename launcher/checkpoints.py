@@ -200,3 +200,18 @@ class CheckpointCommitter(TrainerCallback):
             rotate(Path(args.output_dir), self.keep, protect=(state.best_model_checkpoint,))
         _barrier()
         return control
+
+
+class AlreadyTrained(Exception):
+    """Resumed from a checkpoint at max_steps: nothing is left to train."""
+
+
+class StopAtFinalCheckpoint(TrainerCallback):
+    """HF's loop takes one optimizer step before it compares the step count with max_steps, so a run resumed from
+    its final checkpoint (killed after saving it, before it finished) would train one step too many. By
+    `on_train_begin` the checkpoint's weights, optimizer and step are loaded: stop there, on every rank alike."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise AlreadyTrained(state.global_step)
+        return control

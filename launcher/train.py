@@ -217,11 +217,11 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     join_process_group(ctx)
     trainer, evaluator = module.build(ctx)  # loads data and model; bad data fails here, before any file is written
     ctx.callbacks.extend(common.default_callbacks(ctx, trainer))
-    from launcher.checkpoints import CheckpointCommitter
+    from launcher.checkpoints import AlreadyTrained, CheckpointCommitter, StopAtFinalCheckpoint
 
     committer = CheckpointCommitter(keep=ctx.cfg.safety.keep_checkpoints)
     committer.take_over_rotation(trainer.args)  # HF would rotate before the new checkpoint is marked complete
-    ctx.callbacks.append(committer)  # last: sees should_save set by every other callback (preemption included)
+    ctx.callbacks += [StopAtFinalCheckpoint(), committer]  # committer last: sees should_save set by every other one
     for callback in ctx.callbacks:
         trainer.add_callback(callback)
     if env.is_main:
@@ -233,6 +233,8 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
 
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except AlreadyTrained:
+        result = None  # the final checkpoint is loaded: save, evaluate and report it as any finished run
     except Exception as exc:
         if env.is_main:
             update_manifest(out, status="failed", error=f"{type(exc).__name__}: {exc}")

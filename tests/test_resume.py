@@ -170,6 +170,24 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, capsys):
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4], "per-step health checks"
 
 
+def test_killed_after_its_final_checkpoint_resumes_without_an_extra_step(tmp_path, capsys):
+    """HF's loop would take step max_steps + 1 after resuming from the final checkpoint; the run must just finish."""
+    from launcher.manifest import update_manifest
+
+    out = tmp_path / "out"
+    assert run_inprocess("run", *SMALL, "training.max_steps=4", "training.save_steps=2", f"output_dir={out}") == 0
+    final = out / "checkpoint-4"
+    (out / "adapter_model.safetensors").unlink()  # as if killed after checkpoint-4, before the final save
+    update_manifest(out, status="running")
+    capsys.readouterr()
+    assert run_inprocess("run", *SMALL, "training.max_steps=4", "training.save_steps=2", f"output_dir={out}") == 0
+    assert f"resuming from {final}" in capsys.readouterr().out
+    m = manifest(out)
+    assert m["status"] == "finished" and m["metrics"]["global_step"] == 4 and m["attempts"] == 2
+    assert [p.name for p in ck.checkpoints(out)][-1] == "checkpoint-4"
+    assert _bench().compare_weights(final / "adapter_model.safetensors", out / "adapter_model.safetensors") == 0.0
+
+
 @pytest.mark.slow
 def test_two_rank_zero2_sigkill_resume_is_bitwise_exact(tmp_path, capsys):
     bench = _bench()
