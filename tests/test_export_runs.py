@@ -1,0 +1,97 @@
+"""After the run: `ftlaunch export --merge` writes a full HF model that computes what the adapter model computed, and
+`ftlaunch runs` lists past runs with their status."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_inprocess
+
+FAST = ["data.num_examples=256", "eval.num_examples=8", "training.logging_steps=2", "training.save_steps=4",
+        "plan.global_batch_size=16", "training.max_steps=6"]
+# Max |logit difference| merged vs adapter model: the same float32 arithmetic in a different order (W + BA once vs
+# Wx + B(Ax) per token). Measured below 1e-5 on the tiny model's logits (magnitude ~2).
+MERGE_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for recipe in ("lora_tiny", "qlora_tiny"):
+        assert run_inprocess("run", "--recipe", recipe, f"output_dir={root / recipe}", *FAST) == 0
+    return root
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def _adapter_model(run_dir):
+    """The trained model as training saw it: adapter on the base, 4-bit for QLoRA (as the builder loads it)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from launcher.export import load_base, trained_in_4bit
+
+    base_path = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    quant = trained_in_4bit(run_dir)
+    if quant is None:
+        base = load_base(base_path, AutoModelForCausalLM, torch.float32, None)
+    else:
+        from transformers import BitsAndBytesConfig
+
+        from recipes.builder import same_4bit_kernels
+
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32))
+        same_4bit_kernels(base)
+    return PeftModel.from_pretrained(base, run_dir)
+
+
+@pytest.mark.parametrize("recipe", ["lora_tiny", "qlora_tiny"])
+def test_merged_model_computes_what_the_adapter_model_did(runs, recipe, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run_dir = runs / recipe
+    out = tmp_path / "merged"
+    assert run_inprocess("export", str(run_dir), "--merge", "--out", str(out)) == 0
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "adapter_config.json").exists(), "a plain HF model, no adapter"
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 20, 21, 22, 23, 24, 25, 26]])
+    expected = _logits(_adapter_model(run_dir), ids)
+    diff = (_logits(merged, ids) - expected).abs().max().item()
+    assert diff <= MERGE_TOLERANCE, diff
+    if recipe == "qlora_tiny":
+        # Merging into the original weights instead ignores the 4-bit rounding the adapter was trained against.
+        original = tmp_path / "original"
+        assert run_inprocess("export", str(run_dir), "--merge", "--base", "original", "--out", str(original)) == 0
+        off = (_logits(AutoModelForCausalLM.from_pretrained(original), ids) - expected).abs().max().item()
+        assert off > 100 * max(diff, 1e-7), (off, diff)
+
+
+def test_export_refuses_what_it_cannot_merge(runs, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    assert run_inprocess("export", str(tmp_path / "full"), "--merge") == 2
+    assert "holds no adapter" in capsys.readouterr().err
+    assert run_inprocess("export", str(runs / "lora_tiny")) == 2
+    assert "pass --merge" in capsys.readouterr().err
+
+
+def test_runs_lists_status_step_and_score(runs, capsys):
+    (runs / "broken").mkdir()
+    (runs / "broken" / "manifest.json").write_text("{not json")  # skipped, not a crash
+    assert run_inprocess("runs", str(runs), "--json") == 0
+    rows = {r["recipe"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"lora_tiny", "qlora_tiny"}
+    for row in rows.values():
+        assert row["status"] == "finished" and row["step"] == 6 and row["best"].startswith("exact_match=")
+    assert run_inprocess("runs", str(runs)) == 0
+    assert "lora_tiny" in capsys.readouterr().out
