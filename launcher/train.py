@@ -118,12 +118,24 @@ def evaluate(evaluator, when: str):
         return evaluator(when)
 
 
-def quiet_known_noise() -> None:
-    """bitsandbytes' CPU backend warns, on CPUs with AVX512-BF16, that the optional hub package `kernels` is absent
-    (it could not fetch its kernel offline anyway; the built-in one is used). Not the user's problem: hide it."""
-    import logging
+def quiet_known_noise(verbose: bool) -> None:
+    """What the libraries print that is not the user's business; `--verbose` shows it all.
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    (`run` hides one notice always, before anything imports bitsandbytes: its CPU backend warns, on CPUs with
+    AVX512-BF16, that the optional hub package `kernels` is absent -- it could not be fetched offline anyway and the
+    built-in kernel is used -- and a bad-input error must stay one line.) Per-map progress bars of datasets/TRL preprocessing and transformers' weight loading, and the
+    deprecation notice for `gradient_checkpointing` (the name TRL 1.12 configs still use), drown the one progress
+    line per logging step that ProgressPrinter writes."""
+    if verbose:
+        return
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 def quiet_other_ranks(env: DistEnv, verbose: bool) -> None:
@@ -166,7 +178,10 @@ def _yaml(data) -> str:
 
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
-    quiet_known_noise()
+    import logging
+
+    # Before anything imports bitsandbytes (see quiet_known_noise).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     cfg = load_recipe(args.recipe, args.config, args.overrides)
     from recipes.callbacks import validate_safety
 
@@ -199,6 +214,7 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
             print(f"ftlaunch: {out} already holds a finished run; nothing to do (use a new output_dir, "
                   f"or --resume never to train again)")
         return 0
+    quiet_known_noise(args.verbose)
     quiet_other_ranks(env, args.verbose)
     common.seed_everything(ctx.cfg.seed)
     resume = None

@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import math
 import random
+import re
 
 from launcher.errors import UserError
 
@@ -207,11 +208,18 @@ def print_summary(ctx, trainer, metrics: dict) -> None:
     for key, value in (metrics.get("data") or {}).items():
         if isinstance(value, (int, float, str)):
             table.add_row(f"data: {key}", _fmt(value))
-    table.add_row("wall time (s)", _fmt(metrics["wall_seconds"]))
+    table.add_row("wall time (s)", f"{metrics['wall_seconds']:.1f}")
     table.add_row("output", str(ctx.output_dir))
     console = Console()
     console.print(table)
     for when, data in (("before", before), ("after", after)):
         for s in (data or {}).get("samples", []):
-            console.print(f"  [{when}] {s['prompt']!r} -> {s['generated']!r} (expected {s['expected']!r})",
-                          markup=False, highlight=False)
+            console.print(f"  [{when}] {_shown_prompt(s['prompt'])!r} -> {s['generated']!r} "
+                          f"(expected {s['expected']!r})", markup=False, highlight=False)
+
+
+def _shown_prompt(prompt: str) -> str:
+    """The last user turn of a chat-rendered (ChatML) prompt, else the prompt itself: the system text and role
+    markers are the same in every sample."""
+    turns = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", prompt, re.S)
+    return turns[-1] if turns else prompt
