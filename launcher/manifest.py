@@ -10,12 +10,17 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.I)
+# Keys whose values are secrets: the whole name or its last `_`/`-`/`.` part (hub_token, WANDB_API_KEY,
+# db.password), not names that merely contain the word (max_tokens, include_num_input_tokens_seen).
+SECRET_KEY = re.compile(r"(^|[_.-])(token|secret|secret[_-]?key|password|passwd|api[_-]?key|credentials?|auth)$",
+                        re.I)
+# Environment variables whose values are scrubbed from every string written: any name that mentions one of these.
+SECRET_ENV = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.I)
 PACKAGES = ("torch", "transformers", "trl", "peft", "deepspeed", "accelerate", "bitsandbytes", "datasets")
 
 
 def _secret_values() -> list[str]:
-    return [v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 6]
+    return [v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 6]
 
 
 def redact(value, key: str = ""):

@@ -123,6 +123,18 @@ WANDB = "wandb-planted-7c1e9f5d2b8a4e6f"
 HF = "hf_PlantedSecretTokenAbcdefghijklmnop"
 
 
+def test_redaction_hits_secret_keys_only(monkeypatch):
+    from launcher.manifest import redact
+
+    monkeypatch.setenv("WANDB_API_KEY", WANDB)
+    data = {"hub_token": "x" * 8, "WANDB_API_KEY": "y" * 8, "db": {"password": "p" * 8}, "api-key": "k" * 8,
+            "max_tokens": 42, "include_num_input_tokens_seen": "all", "author": "me", "note": f"key {WANDB} here"}
+    got = redact(data)
+    assert got["hub_token"] == got["WANDB_API_KEY"] == got["db"]["password"] == got["api-key"] == "***"
+    assert got["max_tokens"] == 42 and got["include_num_input_tokens_seen"] == "all" and got["author"] == "me"
+    assert got["note"] == "key *** here", "an environment secret is scrubbed wherever it appears"
+
+
 def test_secret_overrides_are_refused(tmp_path, capsys):
     """A token on the command line would be pickled into every checkpoint's training_args.bin: refused, exit 2."""
     for override in (f"training.hub_token={HF}", f"sft.hf_token={HF}", f"description={HF}"):
