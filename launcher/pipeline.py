@@ -129,8 +129,9 @@ def split_cli_overrides(overrides: list[str], names: list[str]) -> tuple[list[st
         else:
             if "=" not in item:
                 raise UserError(f"override '{item}': expected key=value or STAGE:key=value")
-            if head.strip() == "output_dir":
-                raise UserError("override output_dir: use --output-dir for a pipeline's root directory")
+            if head.strip() == "output_dir" or head.strip().startswith("pipeline."):
+                raise UserError(f"override '{item}': the pipeline's own settings are not overrides (they would "
+                                f"reach every stage); use --output-dir DIR for the root directory")
             common.append(item)
     return common, per_stage
 

@@ -122,22 +122,24 @@ def _read_synthetic(source: str, data_cfg, kind: str, seed: int, for_eval: bool)
 
     spec, _, query = source[len("synthetic:"):].partition("?")
     options = dict(item.split("=", 1) for item in query.split("&") if "=" in item)
-    unknown = set(options) - {"max_operand", "positive_fraction", "order"}
+    unknown = set(options) - {"max_operand", "positive_fraction", "order", "noise", "rejected"}
     if spec not in synthetic.TASKS or unknown:
         what = f"option(s) {', '.join(sorted(unknown))}" if unknown and spec in synthetic.TASKS else f"task '{spec}'"
         raise UserError(f"{source}: unknown synthetic {what}; use synthetic:arith or synthetic:reverse "
-                        f"(options: ?max_operand=N&positive_fraction=F&order=reversed|natural), or "
-                        f"synthetic:chat_arith / synthetic:sentiment for the real models")
+                        f"(options: ?max_operand=N&positive_fraction=F&order=reversed|natural&noise=F"
+                        f"&rejected=near|mixed), or synthetic:chat_arith / synthetic:sentiment for the real models")
     try:
         max_operand = int(options.get("max_operand", synthetic.DEFAULT_MAX_OPERAND))
         positive_fraction = float(options.get("positive_fraction", 0.5))
+        noise = float(options.get("noise", 0.0))
+        rejected = options.get("rejected", "near")
         order = options.get("order", synthetic.DEFAULT_ORDER)
         synthetic.format_number(0, order)  # raises ValueError for an unknown order
-        if max_operand < 1:
+        if max_operand < 1 or not 0.0 <= noise <= 1.0 or rejected not in synthetic.REJECTED:
             raise ValueError(max_operand)
     except ValueError:
         raise UserError(f"{source}: bad synthetic option; e.g. ?max_operand=99&positive_fraction=0.3"
-                        f"&order=natural") from None
+                        f"&order=natural&noise=0.5&rejected=mixed") from None
     n = int(getattr(data_cfg, "num_examples", 2000))
     ratio = float(getattr(data_cfg, "eval_ratio", 0.1) or 0.0)
     if for_eval or getattr(data_cfg, "eval_source", None):
@@ -149,10 +151,14 @@ def _read_synthetic(source: str, data_cfg, kind: str, seed: int, for_eval: bool)
     if for_eval:
         train_rows, eval_rows = eval_rows, []
 
-    def view(rows, s):
-        return synthetic.make_view(kind, rows, s, positive_fraction=positive_fraction, order=order)
+    def view(rows, s, noise):
+        return synthetic.make_view(kind, rows, s, positive_fraction=positive_fraction, order=order, noise=noise,
+                                   rejected=rejected)
 
-    return RawSource(name=source, parts=[], synthetic=(view(train_rows, seed), view(eval_rows, seed + 1) or None),
+    # Noisy demonstrations are a training condition: held-out rows keep the true answers they are scored against.
+    train_noise = 0.0 if for_eval else noise
+    return RawSource(name=source, parts=[], synthetic=(view(train_rows, seed, train_noise),
+                                                       view(eval_rows, seed + 1, 0.0) or None),
                      task=spec)
 
 

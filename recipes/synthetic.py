@@ -119,14 +119,30 @@ def wrong_answer(prompt: str, answer: str, rng: random.Random, order: str = DEFA
 
 # ---- views: one per kind of training -------------------------------------------------------------------------
 
-def sft_rows(examples: list[dict]) -> list[dict]:
-    return [{"prompt": e["prompt"], "completion": e["answer"]} for e in examples]
+# The non-answer of noisy demonstrations: SFT data where some answers are "idk" gives a policy that answers about
+# half the prompts that way, which preference training (rejected=mixed) can then fix -- the RLHF story rlhf_tiny tells.
+NON_ANSWER = "idk"
+REJECTED = ("near", "mixed")
 
 
-def preference_rows(examples: list[dict], seed: int, order: str = DEFAULT_ORDER) -> list[dict]:
+def sft_rows(examples: list[dict], seed: int = 0, noise: float = 0.0) -> list[dict]:
+    """prompt/completion; with `noise`, that fraction of completions (exactly, seeded) is NON_ANSWER instead."""
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {noise}")
+    noisy = set(random.Random(f"noise:{seed}").sample(range(len(examples)), round(len(examples) * noise)))
+    return [{"prompt": e["prompt"], "completion": NON_ANSWER if i in noisy else e["answer"]}
+            for i, e in enumerate(examples)]
+
+
+def preference_rows(examples: list[dict], seed: int, order: str = DEFAULT_ORDER, rejected: str = "near") -> list[dict]:
+    """chosen = the answer; rejected = a plausible mistake (`near`), or alternately NON_ANSWER and a plausible
+    mistake (`mixed`)."""
+    if rejected not in REJECTED:
+        raise ValueError(f"rejected must be one of {', '.join(REJECTED)}, got {rejected}")
     rng = random.Random(f"preference:{seed}")
     return [{"prompt": e["prompt"], "chosen": e["answer"],
-             "rejected": wrong_answer(e["prompt"], e["answer"], rng, order)} for e in examples]
+             "rejected": NON_ANSWER if (rejected == "mixed" and i % 2 == 0) else wrong_answer(
+                 e["prompt"], e["answer"], rng, order)} for i, e in enumerate(examples)]
 
 
 def prompt_rows(examples: list[dict]) -> list[dict]:
@@ -151,11 +167,11 @@ def classification_rows(examples: list[dict], seed: int, positive_fraction: floa
 
 
 def make_view(kind: str, examples: list[dict], seed: int, positive_fraction: float = 0.5,
-              order: str = DEFAULT_ORDER) -> list[dict]:
+              order: str = DEFAULT_ORDER, noise: float = 0.0, rejected: str = "near") -> list[dict]:
     if kind == "sft":
-        return sft_rows(examples)
+        return sft_rows(examples, seed, noise)
     if kind == "preference":
-        return preference_rows(examples, seed, order)
+        return preference_rows(examples, seed, order, rejected)
     if kind == "prompts":
         return prompt_rows(examples)
     if kind == "classification":

@@ -65,6 +65,27 @@ def test_synthetic_split_is_disjoint():
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
 
 
+def test_noisy_demonstrations_and_mixed_rejections():
+    """rlhf_tiny's data: SFT answers replaced by the non-answer at an exact rate (training rows only), preference
+    pairs whose rejected side alternates between the non-answer and a near miss."""
+    from types import SimpleNamespace
+
+    base = synthetic.make_examples("arith", 200, seed=1)
+    noisy = synthetic.sft_rows(base, seed=1, noise=0.5)
+    assert sum(r["completion"] == synthetic.NON_ANSWER for r in noisy) == 100
+    assert all(r["completion"] in (e["answer"], synthetic.NON_ANSWER) for r, e in zip(noisy, base))
+    mixed = synthetic.preference_rows(base, seed=1, rejected="mixed")
+    assert [r["rejected"] == synthetic.NON_ANSWER for r in mixed[:4]] == [True, False, True, False]
+    assert all(r["chosen"] != r["rejected"] for r in mixed)
+    cfg = SimpleNamespace(source="synthetic:arith?noise=0.5", num_examples=100, eval_ratio=0.2)
+    bundle = load_data(cfg, "sft", tokenizer=None, seed=0)
+    assert sum(c == synthetic.NON_ANSWER for c in bundle.train["completion"]) == 40
+    assert synthetic.NON_ANSWER not in bundle.eval["completion"], "held-out rows keep the true answers"
+    for bad in ("noise=2", "rejected=wrong"):
+        with pytest.raises(UserError, match="bad synthetic option"):
+            load_data(SimpleNamespace(source=f"synthetic:arith?{bad}", num_examples=10, eval_ratio=0.1), "sft")
+
+
 def test_synthetic_views():
     base = synthetic.make_examples("arith", 200, seed=1)
     assert synthetic.sft_rows(base)[0] == {"prompt": base[0]["prompt"], "completion": base[0]["answer"]}
