@@ -222,7 +222,8 @@ def ftlaunch_trainer(recipe: str, overrides: list, inventory, out_dir, training:
     import importlib
 
     from launcher.config import load_recipe
-    from launcher.planner import plan as make_plan, request_from_recipe
+    from launcher.planner import plan as make_plan
+    from launcher.recipe_request import request_from_recipe
     from launcher.train import METHOD_MODULES, DistEnv, RunContext
     from recipes import common as recipe_common
 

@@ -38,7 +38,8 @@ def shape_of(opts):
 def chosen_plan(opts, model_dir, data):
     """plan() for this device, nothing pinned: what `ftlaunch run` would pick."""
     from launcher.config import load_recipe
-    from launcher.planner import plan, request_from_recipe
+    from launcher.planner import plan
+    from launcher.recipe_request import request_from_recipe
 
     overrides = [f"model.name={model_dir}", f"plan.global_batch_size={opts.global_batch}",
                  *common.data_overrides(data, opts.seq, opts.global_batch)]

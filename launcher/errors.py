@@ -1,13 +1,25 @@
 """Errors that map to the exit codes of the shared contract (DESIGN.md)."""
 
 
+def _one_line(message) -> str:
+    # Messages quote what the user typed (keys, values, file rows), which may hold line breaks: show them escaped,
+    # so the contract "one line" holds whatever the input.
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+
+
 class UserError(Exception):
     """Bad input (config, data, arguments): exit 2 with a one-line message, no traceback."""
 
     exit_code = 2
+
+    def __init__(self, message=""):
+        super().__init__(_one_line(message))
 
 
 class PlanDoesNotFit(Exception):
     """The plan does not fit the hardware: exit 3; the message says by how much and what would."""
 
     exit_code = 3
+
+    def __init__(self, message=""):
+        super().__init__(_one_line(message))

@@ -46,7 +46,8 @@ def _pins(args) -> dict:
 def build_plan(args):
     """(plan, inventory) from parsed arguments: a recipe, or --model/--method."""
     from launcher.inventory import detect_inventory
-    from launcher.planner import PlanRequest, plan, request_from_recipe
+    from launcher.planner import PlanRequest, plan
+    from launcher.recipe_request import request_from_recipe
     from launcher.shapes import resolve_shape
 
     pins = _pins(args)

@@ -3,7 +3,10 @@
 Search: every ZeRO stage {0,1,2,3} x offload {none, optimizer, all (ZeRO-3 only)} x checkpointing x micro-batch
 (powers of two dividing the per-rank batch) x ZeRO++ hierarchical partitioning (multi-node ZeRO-3). A plan fits
 when its predicted peak per rank <= memory_fraction x capacity (and, with offload, the node's host RAM holds the
-offloaded states). Among those that fit, the lowest predicted step time wins (see `step_seconds`).
+offloaded states). Among those that fit, the lowest predicted step time wins (launcher/cost.py).
+
+Explanations of the choice, rejections and "what would fit" suggestions: launcher/plan_explain.py. From a recipe to a
+PlanRequest: launcher/recipe_request.py.
 """
 from __future__ import annotations
 
@@ -12,15 +15,14 @@ from typing import Optional
 
 from launcher import memory as mem
 from launcher.errors import UserError
-from launcher.inventory import CPU_TFLOPS, Inventory
-from launcher.shapes import ModelShape, resolve_shape
+from launcher import plan_explain as explain
+from launcher.cost import step_seconds
+from launcher.inventory import Inventory
+from launcher.shapes import ModelShape
 
 GiB = mem.GiB
 METHODS = ("full", "lora", "qlora")
 OFFLOADS = ("none", "optimizer", "all")
-PCIE_BYTES_PER_S = 12e9  # host <-> GPU, effective
-CPU_OPTIMIZER_BYTES_PER_S = 5e9  # torch AdamW on host tensors is memory-bound (~20 B touched per param)
-CPU_COMM_BYTES_PER_S = 2e9  # gloo between CPU ranks
 
 
 @dataclass
@@ -216,7 +218,7 @@ def _context(request: PlanRequest, inventory: Inventory, shape: ModelShape) -> _
 
 def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro: int, hpz: bool) -> _Result:
     """Predicted per-rank bytes, host bytes per node and step time of one candidate."""
-    req, inv = ctx.request, ctx.inventory
+    inv = ctx.inventory
     key = (stage, offload, hpz)
     if key not in ctx.cache:
         ctx.cache[key] = _states(ctx, stage, offload, hpz)
@@ -290,58 +292,6 @@ def _activations(ctx: _Context, checkpointing: bool, micro: int) -> float:
         peak = max(peak, mem.kv_cache_bytes(ctx.shape, seq_len=req.seq_len, micro_batch=micro,
                                             precision=ctx.precision))
     return peak
-
-
-def step_seconds(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro: int, hpz: bool) -> float:
-    """Predicted seconds per optimizer step. Relative, not absolute: it only has to rank candidates.
-
-    compute: 6 FLOPs/param/token to train, 4 when only activation grads flow (frozen base), 2 for frozen
-    models' forward; recompute adds one forward; efficiency grows with tokens per micro-batch (small kernels starve).
-    communication: ZeRO-0/1 all-reduce gradients once per step; ZeRO-2 reduce-scatters every micro-step;
-    ZeRO-3 also all-gathers weights for forward, backward (and recompute) every micro-step. Half is hidden behind
-    compute. Offload adds PCIe traffic and a host optimizer step; parameter offload streams weights every pass.
-    """
-    req, inv = ctx.request, ctx.inventory
-    accum = ctx.per_rank_batch // micro
-    tokens = ctx.per_rank_batch * req.seq_len * req.sequences_per_example
-    flops = 0.0
-    for m in ctx.models:
-        params = m.shape.num_params
-        if m.trainable and not m.is_lora:
-            per_token = 6 * params + (2 * params if checkpointing else 0)
-        elif m.trainable:
-            per_token = 4 * params + (2 * params if checkpointing else 0)
-        else:
-            per_token = 2 * params
-        flops += per_token * tokens
-    micro_tokens = micro * req.seq_len * req.sequences_per_example
-    efficiency = 0.5 * micro_tokens / (micro_tokens + 1024)
-    if inv.gpu is not None:
-        model = inv.gpu.model
-        peak, intra, inter = model.tflops16 * 1e12, model.intra_node_gbps * 1e9, model.inter_node_gbps * 1e9
-    else:
-        peak, intra, inter = CPU_TFLOPS * 1e12, CPU_COMM_BYTES_PER_S, CPU_COMM_BYTES_PER_S
-    compute = flops / (peak * efficiency) * (1.05 if stage == 3 else 1.0)  # ZeRO-3 hooks cost a little
-    comm = 0.0
-    gathered = sum(m.trainable * 2 + m.frozen_bytes for m in ctx.models)
-    grads = sum(m.trainable for m in ctx.models) * 2.0
-    if ctx.dp > 1:
-        bw = inter if inv.nodes > 1 else intra
-        if stage <= 1:
-            comm = 2 * grads / bw
-        elif stage == 2:
-            comm = (accum * grads + grads) / bw
-        else:
-            passes = 3 if checkpointing else 2
-            gather_bw = intra if hpz else bw
-            comm = accum * (passes * gathered / gather_bw + grads / bw)
-    offload_time = 0.0
-    trainable_share = sum(m.trainable for m in ctx.models) / ctx.dp
-    if offload != "none" and inv.gpu is not None:
-        offload_time += trainable_share * 20 / CPU_OPTIMIZER_BYTES_PER_S + trainable_share * 6 / PCIE_BYTES_PER_S
-        if offload == "all":
-            offload_time += accum * (3 if checkpointing else 2) * gathered / ctx.dp / PCIE_BYTES_PER_S
-    return compute + 0.5 * comm + offload_time + 1e-6 * stage  # prefer the simpler stage on ties
 
 
 def _micro_batches(ctx: _Context) -> list[int]:
@@ -437,27 +387,6 @@ def _shortfall(ctx: _Context, result: _Result) -> float:
     return max(gpu, host)
 
 
-def _miss_reason(ctx: _Context, result: _Result) -> str:
-    parts = []
-    if not result.gpu_ok:
-        parts.append(f"needs {mem.fmt_bytes(result.parts['total'])} per {_unit(ctx)} > usable "
-                     f"{mem.fmt_bytes(ctx.usable)} (short by {mem.fmt_bytes(result.parts['total'] - ctx.usable)})")
-    if not result.host_ok:
-        parts.append(f"needs {mem.fmt_bytes(result.host)} host RAM per node > usable "
-                     f"{mem.fmt_bytes(ctx.host_capacity)} (short by {mem.fmt_bytes(result.host - ctx.host_capacity)})")
-    return " and ".join(parts)
-
-
-def _unit(ctx: _Context) -> str:
-    return "GPU" if ctx.inventory.gpu is not None else "CPU rank"
-
-
-def _describe(result: _Result) -> str:
-    offload = {"none": "", "optimizer": " + optimizer offload", "all": " + optimizer & parameter offload"}
-    return (f"ZeRO-{result.stage}{offload[result.offload]}{' + hpZ' if result.hpz else ''}, checkpointing "
-            f"{'on' if result.checkpointing else 'off'}, micro-batch {result.micro}")
-
-
 def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape] = None,
          suggest: bool = True) -> Plan:
     """The fastest plan that fits, or fits=False with by how much it misses and what would fit."""
@@ -489,25 +418,25 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
                "optimizer": request.optimizer, "inventory": inv.describe()},
         models=chosen.models, bucket_elements=mem.bucket_elements(shape.hidden), hidden_size=shape.hidden)
     reasons = list(request.notes) + list(inv.notes) + [precision_reason]
-    reasons.append(f"usable memory per {_unit(ctx)}: {request.memory_fraction:g} x {mem.fmt_bytes(ctx.capacity)}"
+    reasons.append(f"usable memory per {explain.unit(ctx)}: {request.memory_fraction:g} x {mem.fmt_bytes(ctx.capacity)}"
                    f" = {mem.fmt_bytes(ctx.usable)}")
     pins = {k: getattr(request, k) for k in ("zero_stage", "offload", "micro_batch_size", "gradient_checkpointing")
             if getattr(request, k) is not None}
     if pins:
         reasons.append("pinned: " + ", ".join(f"plan.{k}={v}" for k, v in pins.items()))
     if best is not None:
-        reasons += _explain(ctx, best, per_config)
-        result.reason = f"fits: {_describe(best)}, {mem.fmt_bytes(best.parts['total'])} of " \
-                        f"{mem.fmt_bytes(ctx.usable)} usable per {_unit(ctx)}"
+        reasons += explain.explain(ctx, best, per_config)
+        result.reason = f"fits: {explain.describe(best)}, {mem.fmt_bytes(best.parts['total'])} of " \
+                        f"{mem.fmt_bytes(ctx.usable)} usable per {explain.unit(ctx)}"
     else:
         what = "the pinned plan" if pins else "the closest plan"
-        result.reason = f"{what} ({_describe(closest)}) {_miss_reason(ctx, closest)}"
+        result.reason = f"{what} ({explain.describe(closest)}) {explain.miss_reason(ctx, closest)}"
         if suggest:
-            ideas = _suggestions(request, inventory, shape, pins)
+            ideas = explain.suggestions(request, inventory, shape, pins)
             result.reason += "; " + ("would fit: " + "; ".join(ideas) if ideas else "nothing nearby fits")
         reasons.append(result.reason)
     result.reasons = reasons
-    result.rejected = _rejections(ctx, best, per_config) + skipped
+    result.rejected = explain.rejections(ctx, best, per_config) + skipped
     return result
 
 
@@ -518,141 +447,3 @@ def estimate(request: PlanRequest, inventory: Inventory, shape: ModelShape, *, z
     r = evaluate(ctx, zero_stage, offload, gradient_checkpointing, micro_batch_size, hpz)
     return {"per_gpu_bytes": dict(r.parts), "host_bytes_per_node": r.host, "step_seconds": r.seconds,
             "fits": r.fits, "models": r.models, "usable_bytes": ctx.usable}
-
-
-def _explain(ctx: _Context, best: _Result, per_config) -> list[str]:
-    out = [f"chosen {_describe(best)}: the fastest plan that fits (predicted {best.seconds:.3g} s/step)"]
-    accum = ctx.per_rank_batch // best.micro
-    out.append(f"batch: micro-batch {best.micro} x accumulation {accum} x {ctx.dp} rank(s) = global "
-               f"{ctx.request.global_batch_size}")
-    if best.stage == 3 and ctx.request.method != "full":
-        out.append("ZeRO-3 partitions the frozen base weights across ranks too")
-    if best.hpz:
-        out.append(f"ZeRO++ hpZ: a secondary weight copy within each node ({ctx.inventory.ranks_per_node} GPUs) "
-                   f"keeps the weight all-gathers off the network")
-    if ctx.request.method == "qlora" and best.stage == 3:
-        out.append("QLoRA under ZeRO-3: bnb_4bit_quant_storage = the compute dtype so the 4-bit weights shard")
-    if best.offload != "none":
-        out.append(f"offload: host RAM needed per node {mem.fmt_bytes(best.host)}")
-    return out
-
-
-def _rejections(ctx: _Context, best: Optional[_Result], per_config) -> list[dict]:
-    out = []
-    for config_best, first_miss in per_config:
-        if config_best is not None and config_best is not best:
-            out.append({"plan": config_best.label(), "reason": f"slower: predicted {config_best.seconds:.3g} "
-                        f"s/step vs {best.seconds:.3g}" if best else "slower"})
-        if first_miss is not None and (config_best is None or config_best is best):
-            out.append({"plan": first_miss.label(), "reason": "does not fit: " + _miss_reason(ctx, first_miss)})
-    return out
-
-
-def _suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, pins: dict) -> list[str]:
-    """Nearby requests that would fit: without pins, a lighter method, more GPUs, a shorter sequence."""
-    from dataclasses import replace
-
-    def fits(req: PlanRequest, inv: Inventory = inventory) -> Optional[Plan]:
-        try:
-            p = plan(req, inv, shape, suggest=False)
-        except UserError:
-            return None
-        return p if p.fits else None
-
-    ideas = []
-    if pins:
-        free = replace(request, zero_stage=None, offload=None, micro_batch_size=None, gradient_checkpointing=None)
-        p = fits(free)
-        if p:
-            ideas.append(f"without the pins (ZeRO-{p.zero_stage}, offload {p.offload})")
-    for lighter in {"full": ["lora", "qlora"], "lora": ["qlora"]}.get(request.method, []):
-        if shape.arch == "decoder" and fits(replace(request, method=lighter, trainable_params=None)):
-            ideas.append(f"{'QLoRA' if lighter == 'qlora' else 'LoRA'} instead of {request.method}")
-            break
-    if inventory.gpu is not None:
-        for factor in (2, 4, 8, 16, 32, 64):
-            inv = _scaled(inventory, factor)
-            dp = inv.world_size
-            batch = -(-request.global_batch_size // dp) * dp
-            if fits(replace(request, global_batch_size=batch), inv):
-                nodes = f"{inv.nodes}x" if inv.nodes > 1 else ""
-                ideas.append(f"{nodes}{inv.ranks_per_node}x{inv.gpu.name}-{inv.gpu.total_bytes / GiB:.0f}GB")
-                break
-    seq = request.seq_len // 2
-    while seq >= 64:
-        if fits(replace(request, seq_len=seq)):
-            ideas.append(f"seq_len {seq}")
-            break
-        seq //= 2
-    return ideas
-
-
-def _scaled(inventory: Inventory, factor: int) -> Inventory:
-    """factor x the GPUs: fill one node up to 8, then add 8-GPU (or same-size) nodes."""
-    from dataclasses import replace
-
-    target = inventory.world_size * factor
-    if inventory.nodes == 1 and target <= 8:
-        return replace(inventory, ranks_per_node=target, notes=[])
-    per_node = max(inventory.ranks_per_node, 8)
-    return replace(inventory, nodes=max(1, target // per_node), ranks_per_node=per_node, notes=[])
-
-
-# ---------------------------------------------------------------- recipes
-
-def request_from_recipe(cfg) -> PlanRequest:
-    """The lead's RecipeConfig (read by attribute) -> PlanRequest, policy shape resolved offline."""
-    notes = []
-    if cfg.method == "qlora" or cfg.quant.load_in_4bit:
-        method = "qlora"
-    elif cfg.peft.method != "none":
-        method = "lora"
-    else:
-        method = "full"
-    shape = resolve_shape(cfg.model.name, cfg.model.tiny)
-    trainable = None
-    peft_method = cfg.peft.method
-    if peft_method in ("prompt_tuning", "prefix_tuning"):
-        tokens = getattr(cfg.peft, "num_virtual_tokens", 16)
-        trainable = tokens * shape.hidden * (2 * shape.layers if peft_method == "prefix_tuning" else 1)
-        notes.append(f"{peft_method}: {trainable} trainable parameters")
-    plan_cfg = cfg.plan
-    attention = "eager" if (getattr(cfg.model, "attn_implementation", None) or "sdpa") == "eager" else "sdpa"
-    request = PlanRequest(
-        shape=shape, method=method, seq_len=cfg.data.max_length, global_batch_size=plan_cfg.global_batch_size,
-        lora_r=cfg.peft.r, lora_targets=cfg.peft.target_modules, trainable_params=trainable,
-        optimizer=(cfg.training or {}).get("optim") or "adamw_torch", zero_stage=plan_cfg.zero_stage,
-        offload=plan_cfg.offload, micro_batch_size=plan_cfg.micro_batch_size,
-        gradient_checkpointing=plan_cfg.gradient_checkpointing, memory_fraction=plan_cfg.memory_fraction,
-        attention=attention, sequences_per_example=2 if cfg.method in ("dpo", "rm") else 1,
-        generates=cfg.method in ("ppo", "grpo"), lm_head=cfg.method not in ("rm", "classify"), notes=notes)
-    reference = ExtraModel("reference", shape, trainable=False, quantized=method == "qlora")
-    if cfg.method == "dpo":
-        request.extra_models.append(reference)
-    elif cfg.method == "grpo" and float(_section(cfg, "grpo").get("beta", 0.0) or 0.0) > 0:
-        request.extra_models.append(reference)
-    elif cfg.method == "ppo":
-        ppo = _section(cfg, "ppo")
-        reward = _side_shape(ppo.get("reward_model"), shape, "reward", notes)
-        value = _side_shape(ppo.get("value_model") or ppo.get("reward_model"), shape, "value", notes)
-        request.extra_models += [reference, ExtraModel("reward", reward), ExtraModel("value", value, trainable=True)]
-    return request
-
-
-def _section(cfg, name: str) -> dict:
-    try:
-        section = getattr(cfg, name)
-    except AttributeError:
-        return {}
-    return dict(vars(section)) if not isinstance(section, dict) else dict(section)
-
-
-def _side_shape(name: Optional[str], policy: ModelShape, role: str, notes: list) -> ModelShape:
-    """Reward/value models are often produced by an earlier pipeline stage: plan with the policy's shape then."""
-    if not name:
-        return policy
-    try:
-        return resolve_shape(name)
-    except UserError:
-        notes.append(f"{role} model '{name}' not found offline (not trained yet?); assumed the policy's shape")
-        return policy

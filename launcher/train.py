@@ -72,7 +72,8 @@ def parse_args(argv: list[str]):
 
 def make_plan(cfg, env: DistEnv):
     from launcher.inventory import detect_inventory
-    from launcher.planner import plan as plan_memory, request_from_recipe
+    from launcher.planner import plan as plan_memory
+    from launcher.recipe_request import request_from_recipe
     from launcher.shapes import resolve_shape
 
     # Without a launcher this is one process, even on a machine with several GPUs (NVML would count them all).

@@ -85,7 +85,7 @@ def build_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte has a token: nothing is unknown
     )
     core.train_from_iterator(_training_corpus(), trainer=trainer)
-    bos, eos = SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"]
+    bos = SPECIAL_TOKENS["bos_token"]
     # Llama convention: bos is prepended on tokenisation; eos is not (TRL appends it to completions itself).
     core.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))],

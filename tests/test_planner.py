@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from launcher import memory as mem
 from launcher.errors import UserError
 from launcher.inventory import parse_spec
-from launcher.planner import ExtraModel, PlanRequest, estimate, plan, request_from_recipe
+from launcher.planner import ExtraModel, PlanRequest, estimate, plan
+from launcher.recipe_request import request_from_recipe
 from launcher.shapes import resolve_shape
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,9 +3,7 @@ secrets in the output directory)."""
 from __future__ import annotations
 
 import json
-import math
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -1,0 +1,116 @@
+"""Words for a plan: why it was chosen, why each alternative was rejected, and what would fit when nothing does.
+
+Pure, like the planner it explains; `suggestions` re-plans nearby requests (lighter method, more GPUs, shorter
+sequence) without suggestions of their own.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Optional
+
+from launcher import memory as mem
+from launcher.errors import UserError
+from launcher.inventory import Inventory
+from launcher.shapes import ModelShape
+
+if TYPE_CHECKING:
+    from launcher.planner import Plan, PlanRequest, _Context, _Result
+
+GiB = mem.GiB
+
+
+def miss_reason(ctx: _Context, result: _Result) -> str:
+    parts = []
+    if not result.gpu_ok:
+        parts.append(f"needs {mem.fmt_bytes(result.parts['total'])} per {unit(ctx)} > usable "
+                     f"{mem.fmt_bytes(ctx.usable)} (short by {mem.fmt_bytes(result.parts['total'] - ctx.usable)})")
+    if not result.host_ok:
+        parts.append(f"needs {mem.fmt_bytes(result.host)} host RAM per node > usable "
+                     f"{mem.fmt_bytes(ctx.host_capacity)} (short by {mem.fmt_bytes(result.host - ctx.host_capacity)})")
+    return " and ".join(parts)
+
+
+def unit(ctx: _Context) -> str:
+    return "GPU" if ctx.inventory.gpu is not None else "CPU rank"
+
+
+def describe(result: _Result) -> str:
+    offload = {"none": "", "optimizer": " + optimizer offload", "all": " + optimizer & parameter offload"}
+    return (f"ZeRO-{result.stage}{offload[result.offload]}{' + hpZ' if result.hpz else ''}, checkpointing "
+            f"{'on' if result.checkpointing else 'off'}, micro-batch {result.micro}")
+
+
+def explain(ctx: _Context, best: _Result, per_config) -> list[str]:
+    out = [f"chosen {describe(best)}: the fastest plan that fits (predicted {best.seconds:.3g} s/step)"]
+    accum = ctx.per_rank_batch // best.micro
+    out.append(f"batch: micro-batch {best.micro} x accumulation {accum} x {ctx.dp} rank(s) = global "
+               f"{ctx.request.global_batch_size}")
+    if best.stage == 3 and ctx.request.method != "full":
+        out.append("ZeRO-3 partitions the frozen base weights across ranks too")
+    if best.hpz:
+        out.append(f"ZeRO++ hpZ: a secondary weight copy within each node ({ctx.inventory.ranks_per_node} GPUs) "
+                   f"keeps the weight all-gathers off the network")
+    if ctx.request.method == "qlora" and best.stage == 3:
+        out.append("QLoRA under ZeRO-3: bnb_4bit_quant_storage = the compute dtype so the 4-bit weights shard")
+    if best.offload != "none":
+        out.append(f"offload: host RAM needed per node {mem.fmt_bytes(best.host)}")
+    return out
+
+
+def rejections(ctx: _Context, best: Optional[_Result], per_config) -> list[dict]:
+    out = []
+    for config_best, first_miss in per_config:
+        if config_best is not None and config_best is not best:
+            out.append({"plan": config_best.label(), "reason": f"slower: predicted {config_best.seconds:.3g} "
+                        f"s/step vs {best.seconds:.3g}" if best else "slower"})
+        if first_miss is not None and (config_best is None or config_best is best):
+            out.append({"plan": first_miss.label(), "reason": "does not fit: " + miss_reason(ctx, first_miss)})
+    return out
+
+
+def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, pins: dict) -> list[str]:
+    """Nearby requests that would fit: without pins, a lighter method, more GPUs, a shorter sequence."""
+    from launcher.planner import plan
+
+    def fits(req: PlanRequest, inv: Inventory = inventory) -> Optional[Plan]:
+        try:
+            p = plan(req, inv, shape, suggest=False)
+        except UserError:
+            return None
+        return p if p.fits else None
+
+    ideas = []
+    if pins:
+        free = replace(request, zero_stage=None, offload=None, micro_batch_size=None, gradient_checkpointing=None)
+        p = fits(free)
+        if p:
+            ideas.append(f"without the pins (ZeRO-{p.zero_stage}, offload {p.offload})")
+    for lighter in {"full": ["lora", "qlora"], "lora": ["qlora"]}.get(request.method, []):
+        if shape.arch == "decoder" and fits(replace(request, method=lighter, trainable_params=None)):
+            ideas.append(f"{'QLoRA' if lighter == 'qlora' else 'LoRA'} instead of {request.method}")
+            break
+    if inventory.gpu is not None:
+        for factor in (2, 4, 8, 16, 32, 64):
+            inv = scaled(inventory, factor)
+            dp = inv.world_size
+            batch = -(-request.global_batch_size // dp) * dp
+            if fits(replace(request, global_batch_size=batch), inv):
+                nodes = f"{inv.nodes}x" if inv.nodes > 1 else ""
+                ideas.append(f"{nodes}{inv.ranks_per_node}x{inv.gpu.name}-{inv.gpu.total_bytes / GiB:.0f}GB")
+                break
+    seq = request.seq_len // 2
+    while seq >= 64:
+        if fits(replace(request, seq_len=seq)):
+            ideas.append(f"seq_len {seq}")
+            break
+        seq //= 2
+    return ideas
+
+
+def scaled(inventory: Inventory, factor: int) -> Inventory:
+    """factor x the GPUs: fill one node up to 8, then add 8-GPU (or same-size) nodes."""
+    target = inventory.world_size * factor
+    if inventory.nodes == 1 and target <= 8:
+        return replace(inventory, ranks_per_node=target, notes=[])
+    per_node = max(inventory.ranks_per_node, 8)
+    return replace(inventory, nodes=max(1, target // per_node), ranks_per_node=per_node, notes=[])

@@ -1,0 +1,67 @@
+"""From a validated recipe to the planner's PlanRequest: method, sequence length, batch, pins, and every model the
+method holds (DPO's reference, PPO's reference/reward/value), shapes resolved offline. Pure; no torch."""
+from __future__ import annotations
+
+from typing import Optional
+
+from launcher.errors import UserError
+from launcher.planner import ExtraModel, PlanRequest
+from launcher.shapes import ModelShape, resolve_shape
+
+
+def request_from_recipe(cfg) -> PlanRequest:
+    """A validated RecipeConfig (read by attribute) -> PlanRequest, the policy's shape resolved offline."""
+    notes = []
+    if cfg.method == "qlora" or cfg.quant.load_in_4bit:
+        method = "qlora"
+    elif cfg.peft.method != "none":
+        method = "lora"
+    else:
+        method = "full"
+    shape = resolve_shape(cfg.model.name, cfg.model.tiny)
+    trainable = None
+    peft_method = cfg.peft.method
+    if peft_method in ("prompt_tuning", "prefix_tuning"):
+        tokens = getattr(cfg.peft, "num_virtual_tokens", 16)
+        trainable = tokens * shape.hidden * (2 * shape.layers if peft_method == "prefix_tuning" else 1)
+        notes.append(f"{peft_method}: {trainable} trainable parameters")
+    plan_cfg = cfg.plan
+    attention = "eager" if (getattr(cfg.model, "attn_implementation", None) or "sdpa") == "eager" else "sdpa"
+    request = PlanRequest(
+        shape=shape, method=method, seq_len=cfg.data.max_length, global_batch_size=plan_cfg.global_batch_size,
+        lora_r=cfg.peft.r, lora_targets=cfg.peft.target_modules, trainable_params=trainable,
+        optimizer=(cfg.training or {}).get("optim") or "adamw_torch", zero_stage=plan_cfg.zero_stage,
+        offload=plan_cfg.offload, micro_batch_size=plan_cfg.micro_batch_size,
+        gradient_checkpointing=plan_cfg.gradient_checkpointing, memory_fraction=plan_cfg.memory_fraction,
+        attention=attention, sequences_per_example=2 if cfg.method in ("dpo", "rm") else 1,
+        generates=cfg.method in ("ppo", "grpo"), lm_head=cfg.method not in ("rm", "classify"), notes=notes)
+    reference = ExtraModel("reference", shape, trainable=False, quantized=method == "qlora")
+    if cfg.method == "dpo":
+        request.extra_models.append(reference)
+    elif cfg.method == "grpo" and float(_section(cfg, "grpo").get("beta", 0.0) or 0.0) > 0:
+        request.extra_models.append(reference)
+    elif cfg.method == "ppo":
+        ppo = _section(cfg, "ppo")
+        reward = _side_shape(ppo.get("reward_model"), shape, "reward", notes)
+        value = _side_shape(ppo.get("value_model") or ppo.get("reward_model"), shape, "value", notes)
+        request.extra_models += [reference, ExtraModel("reward", reward), ExtraModel("value", value, trainable=True)]
+    return request
+
+
+def _section(cfg, name: str) -> dict:
+    try:
+        section = getattr(cfg, name)
+    except AttributeError:
+        return {}
+    return dict(vars(section)) if not isinstance(section, dict) else dict(section)
+
+
+def _side_shape(name: Optional[str], policy: ModelShape, role: str, notes: list) -> ModelShape:
+    """Reward/value models are often produced by an earlier pipeline stage: plan with the policy's shape then."""
+    if not name:
+        return policy
+    try:
+        return resolve_shape(name)
+    except UserError:
+        notes.append(f"{role} model '{name}' not found offline (not trained yet?); assumed the policy's shape")
+        return policy
