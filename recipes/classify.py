@@ -23,7 +23,6 @@ def build(ctx):
     from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, EarlyStoppingCallback,
                               Trainer, TrainingArguments)
 
-    from recipes.data import load_data
 
     cfg, plan = ctx.cfg, ctx.plan
     section = cfg.section("classify")
@@ -34,10 +33,7 @@ def build(ctx):
     if metric not in ("accuracy", "f1"):
         raise UserError(f"classify.metric: {metric!r} is not one of accuracy, f1")
     path = builder.model_path(cfg)
-    tokenizer = builder.load_tokenizer(cfg, path)
-    bundle = load_data(cfg.data, DATA_KIND, tokenizer, seed=cfg.seed)
-    ctx.stats.update(bundle.stats)
-    has_eval = bundle.eval is not None and len(bundle.eval) > 0
+    tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
     labels = sorted(set(bundle.train["label"]) | (set(bundle.eval["label"]) if has_eval else set()))
     names = bundle.stats.get("label_names")
     num_labels = int(section.get("num_labels") or (len(names) if names else max(labels) + 1))

@@ -78,6 +78,18 @@ def training_kwargs(ctx, **method_defaults) -> dict:
     return kw
 
 
+def load_inputs(ctx, kind: str, path: str, padding_side: str = "right"):
+    """What every recipe starts from: the tokenizer and the validated data (its counts go to the run summary).
+    Returns (tokenizer, bundle, has_eval)."""
+    from recipes import builder
+    from recipes.data import load_data
+
+    tokenizer = builder.load_tokenizer(ctx.cfg, path, padding_side)
+    bundle = load_data(ctx.cfg.data, kind, tokenizer, seed=ctx.cfg.seed)
+    ctx.stats.update(bundle.stats)
+    return tokenizer, bundle, bundle.eval is not None and len(bundle.eval) > 0
+
+
 def make_args(config_cls, kwargs: dict):
     """Build a TRL/HF config; unknown or invalid `training.*` keys become one-line errors."""
     names = {f.name for f in dataclasses.fields(config_cls)}

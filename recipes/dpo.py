@@ -15,15 +15,11 @@ DATA_KIND = "preference"
 def build(ctx):
     from trl import DPOConfig, DPOTrainer
 
-    from recipes.data import load_data
 
     cfg, plan = ctx.cfg, ctx.plan
     section = cfg.section("dpo")
     path = builder.model_path(cfg)
-    tokenizer = builder.load_tokenizer(cfg, path)
-    bundle = load_data(cfg.data, DATA_KIND, tokenizer, seed=cfg.seed)
-    ctx.stats.update(bundle.stats)
-    has_eval = bundle.eval is not None and len(bundle.eval) > 0
+    tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
     method_defaults = dict(max_length=cfg.data.max_length, eval_strategy="no", dataset_num_proc=None,
                            beta=float(section.get("beta", 0.1)))
     if section.get("loss_type"):

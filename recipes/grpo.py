@@ -25,24 +25,20 @@ SECTION_KEYS = {"reward", "reward_weights", "num_generations", "max_completion_l
 def build(ctx):
     from trl import GRPOConfig, GRPOTrainer
 
-    from recipes.data import load_data
 
     cfg, plan = ctx.cfg, ctx.plan
     section = cfg.section("grpo")
     unknown = set(section) - SECTION_KEYS
     if unknown:
         raise UserError(f"grpo.{sorted(unknown)[0]}: unknown key; valid keys: {', '.join(sorted(SECTION_KEYS))}")
-    path = builder.model_path(cfg)
-    tokenizer = builder.load_tokenizer(cfg, path, padding_side="left")
     names = section.get("reward", "arith")
     names = names if isinstance(names, list) else [names]
     if not names or not all(isinstance(n, str) and n for n in names):
         raise UserError("grpo.reward: give a reward function name (arith, exact, digits) or a reward model "
                         "directory, or a list of them")
+    path = builder.model_path(cfg)
+    tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path, padding_side="left")
     reward_fns = {n: rewards.resolve(n, tokenizer, "grpo.reward") for n in names}
-    bundle = load_data(cfg.data, DATA_KIND, tokenizer, seed=cfg.seed)
-    ctx.stats.update(bundle.stats)
-    has_eval = bundle.eval is not None and len(bundle.eval) > 0
 
     num_generations = int(section.get("num_generations", 4))
     global_batch = plan.micro_batch_size * plan.gradient_accumulation_steps * ctx.env.world_size

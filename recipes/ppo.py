@@ -133,7 +133,6 @@ def build(ctx):
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.ppo import PPOConfig
 
-    from recipes.data import load_data
 
     cfg, plan = ctx.cfg, ctx.plan
     section = cfg.section("ppo")
@@ -142,13 +141,10 @@ def build(ctx):
         raise UserError(f"ppo.{sorted(unknown)[0]}: unknown key; valid keys: {', '.join(sorted(SECTION_KEYS))}")
     reward_path, value_path = scorer_paths(cfg)  # fail fast on a missing reward model, before any loading
     path = policy_path(cfg)
-    tokenizer = builder.load_tokenizer(cfg, path, padding_side="left")
-    bundle = load_data(cfg.data, DATA_KIND, tokenizer, seed=cfg.seed)
-    ctx.stats.update(bundle.stats)
+    tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path, padding_side="left")
     if not isinstance(bundle.train[0]["prompt"], str):
         raise UserError("data: PPO takes plain-text prompts; conversational prompts are not supported yet")
     train = tokenize_prompts(bundle.train, tokenizer, cfg.data.max_length)
-    has_eval = bundle.eval is not None and len(bundle.eval) > 0
     evaluation = tokenize_prompts(bundle.eval, tokenizer, cfg.data.max_length) if has_eval else train.select(
         range(min(len(train), 8)))
 

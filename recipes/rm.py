@@ -15,15 +15,11 @@ def build(ctx):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from recipes.data import load_data
 
     cfg, plan = ctx.cfg, ctx.plan
     section = cfg.section("rm")
     path = builder.model_path(cfg)
-    tokenizer = builder.load_tokenizer(cfg, path)
-    bundle = load_data(cfg.data, DATA_KIND, tokenizer, seed=cfg.seed)
-    ctx.stats.update(bundle.stats)
-    has_eval = bundle.eval is not None and len(bundle.eval) > 0
+    tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
     method_defaults = dict(max_length=cfg.data.max_length, eval_strategy="no", dataset_num_proc=None)
     if section.get("center_rewards_coefficient") is not None:
         method_defaults["center_rewards_coefficient"] = float(section["center_rewards_coefficient"])

@@ -12,14 +12,10 @@ DATA_KIND = "sft"
 def build(ctx):
     from trl import SFTConfig, SFTTrainer
 
-    from recipes.data import load_data
 
     cfg, plan = ctx.cfg, ctx.plan
     path = builder.model_path(cfg)
-    tokenizer = builder.load_tokenizer(cfg, path)
-    bundle = load_data(cfg.data, DATA_KIND, tokenizer, seed=cfg.seed)
-    ctx.stats.update(bundle.stats)
-    has_eval = bundle.eval is not None and len(bundle.eval) > 0
+    tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
     args = common.make_args(SFTConfig, common.training_kwargs(
         ctx, max_length=cfg.data.max_length, packing=cfg.data.packing,
         eval_strategy="no", dataset_num_proc=None))

@@ -147,7 +147,7 @@ def policy_dir(tmp_path_factory) -> Path:
     data = _write_jsonl(d / "mixed.jsonl", rows)
     rc = run_inprocess("run", "--recipe", "sft_tiny", f"output_dir={d / 'sft'}", f"data.source={data}",
                        "plan.global_batch_size=16", "training.max_steps=40", "training.warmup_steps=0",
-                       "eval.num_examples=8")
+                       "training.learning_rate=3e-3", "eval.num_examples=8")
     assert rc == 0
     return d / "sft"
 
