@@ -5,7 +5,7 @@ import importlib
 import os
 import sys
 
-from launcher.errors import PlanDoesNotFit, UserError
+from launcher.errors import PlanDoesNotFit, PreflightError, UserError
 
 USAGE = """usage: ftlaunch COMMAND [options]
 
@@ -72,6 +72,11 @@ def guarded(func, argv: list[str], debug: bool, verbose: bool = False) -> int:
         if _reports(verbose):
             print(f"ftlaunch: does not fit: {e}", file=sys.stderr)
         return 3
+    except PreflightError as e:  # rank- or node-specific (an unreachable peer, a node short of RAM): every rank says
+        if debug:
+            raise
+        print(f"ftlaunch: pre-flight check failed: {e}", file=sys.stderr, flush=True)
+        return PreflightError.exit_code
     except BrokenPipeError:  # `ftlaunch plan | head`: the reader left; not an error of ours
         sys.stderr = open(os.devnull, "w")
         return 0

@@ -23,3 +23,9 @@ class PlanDoesNotFit(Exception):
 
     def __init__(self, message=""):
         super().__init__(_one_line(message))
+
+
+class PreflightError(RuntimeError):
+    """A rank did not answer in time, or the node clearly cannot hold what it is asked to load: exit 1."""
+
+    exit_code = 1

@@ -20,17 +20,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Mapping, Optional
 
-from launcher.errors import UserError
+from launcher.errors import PreflightError, UserError
 
 GiB = 1024 ** 3
 MIN_SHM_BYTES = 1 * GiB  # NCCL and DataLoader workers share memory through /dev/shm; Docker's default is 64 MiB
 PREFLIGHT_PORT_OFFSET = 1  # `ftlaunch check` under srun: the training job's port + 1, so both never collide
-
-
-class PreflightError(RuntimeError):
-    """A rank did not answer in time, or the node clearly cannot hold what it is asked to load."""
-
-    exit_code = 1
 
 
 @dataclass
@@ -264,6 +258,29 @@ def preflight(world_size: Optional[int] = None, timeout_s: float = 60.0, *, rank
                 print(f"ftlaunch check: {line}", file=sys.stderr if (report.errors or "warning" in line) else sys.stdout,
                       flush=True)
     if report.errors and raise_on_error:
+        raise PreflightError("; ".join(report.errors))
+    return report
+
+
+def at_start(plan, rank: int, local_rank: int, world_size: int, ranks_per_node: int, timeout_s: float = 60.0,
+             probe=None) -> PreflightReport:
+    """What the runner checks on every rank before the model loads (`ftlaunch check`, run at start).
+
+    Under a launcher: the all-reduce with a timeout, on the process group the run has just joined. On GPU nodes,
+    the first rank of each node: /dev/shm (NCCL) and host RAM against every local rank loading its share of the
+    weights at once. (CPU ranks hold the whole run in host RAM, which the planner has already checked.) Warnings
+    are printed; errors raise PreflightError, before anything is loaded."""
+    from launcher import memory as mem
+
+    report = PreflightReport(rank=rank, world_size=world_size)
+    if world_size > 1:
+        check_allreduce(timeout_s, report=report)
+    if local_rank == 0 and plan.device == "cuda":
+        load = mem.load_bytes_per_rank(plan.model.get("params", 0), plan.zero_stage, plan.method == "qlora")
+        check_host(ranks_per_node, int(load), report, probe=probe)
+    for warning in report.warnings:
+        print(f"ftlaunch: warning: {warning}", file=sys.stderr, flush=True)
+    if report.errors:
         raise PreflightError("; ".join(report.errors))
     return report
 

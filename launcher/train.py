@@ -232,6 +232,10 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
 
     started = time.time()
     join_process_group(ctx)
+    from launcher.preflight import at_start
+
+    at_start(ctx.plan, env.rank, env.local_rank, env.world_size,
+             int(os.environ.get("LOCAL_WORLD_SIZE", ctx.plan.gpus_per_node or 1)))
     trainer, evaluator = module.build(ctx)  # loads data and model; bad data fails here, before any file is written
     ctx.callbacks.extend(common.default_callbacks(ctx, trainer))
     from launcher.checkpoints import AlreadyTrained, CheckpointCommitter, StopAtFinalCheckpoint

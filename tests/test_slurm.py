@@ -284,6 +284,26 @@ def test_preflight_host_checks_warn_and_fail_only_when_impossible():
     assert fine.ok and not fine.warnings
 
 
+def test_runner_preflight_refuses_a_node_that_cannot_load_the_model(capsys):
+    """At start, before the model loads: 8 ranks of a node each loading 13.5 GB of Llama-2-7B weights (no ZeRO-3)
+    do not fit a 64 GiB node; a CPU run is not host-checked (the planner already counted its RAM)."""
+    from launcher.errors import PreflightError
+    from launcher.inventory import parse_spec
+    from launcher.planner import PlanRequest, plan
+    from launcher.preflight import at_start
+    from launcher.shapes import resolve_shape
+
+    gpu = plan(PlanRequest(method="lora", seq_len=1024, global_batch_size=16, zero_stage=2), parse_spec("8xA100-80GB"),
+               resolve_shape("llama-2-7b"))
+    with pytest.raises(PreflightError, match="64.0 GiB in all: it will run out of memory while loading"):
+        at_start(gpu, rank=0, local_rank=0, world_size=1, ranks_per_node=8, probe=_probe(64, 60, 32))
+    assert at_start(gpu, rank=0, local_rank=0, world_size=1, ranks_per_node=8, probe=_probe(512, 500, 32)).ok
+    at_start(gpu, rank=0, local_rank=0, world_size=1, ranks_per_node=1, probe=_probe(64, 60, 0.0625))
+    assert "--shm-size" in capsys.readouterr().err
+    cpu = plan(PlanRequest(method="lora", seq_len=32, global_batch_size=16), parse_spec("cpu"), resolve_shape("tiny"))
+    assert at_start(cpu, rank=0, local_rank=0, world_size=1, ranks_per_node=1, probe=_probe(1, 1, 0.01)).ok
+
+
 def test_preflight_names_the_node_that_does_not_answer():
     import socket
 
