@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -292,6 +293,40 @@ def _check_ranges(cfg: RecipeConfig) -> None:
              "ppo.reward_model: PPO needs a reward model; set ppo.reward_model to a trained rm output dir")
 
 
+def _check_safety(cfg: RecipeConfig) -> None:
+    """The `safety:` section, and no secrets in a recipe or its overrides: they would land in training_args.bin,
+    which the HF Trainer pickles unredacted into every checkpoint."""
+    from launcher.manifest import SECRET_VALUE, is_secret_key
+
+    keep = cfg.safety.keep_checkpoints
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise UserError(f"safety.keep_checkpoints: must be at least 1 (the last good checkpoint is always kept), "
+                        f"got {keep!r}")
+    limit = cfg.safety.max_grad_norm_abort
+    if limit is not None and not (limit > 0 and math.isfinite(limit)):
+        raise UserError(f"safety.max_grad_norm_abort: must be a positive number (or null for no limit), got {limit!r}")
+    for where, key, value in _walk(to_yaml_dict(cfg)):
+        if (is_secret_key(key) and value not in (None, "", False)) or (
+                isinstance(value, str) and SECRET_VALUE.match(value.strip())):
+            raise UserError(f"{where}: looks like a secret; secrets must not be in recipes or overrides (they would be "
+                            f"written into the output directory); set it in the environment instead (HF_TOKEN, "
+                            f"WANDB_API_KEY, ...)")
+
+
+def _walk(data, prefix: str = ""):
+    """(where, key, value) for every key of nested data, and (where, "", text) for strings inside lists."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            where = f"{prefix}.{k}" if prefix else str(k)
+            yield where, str(k), v
+            yield from _walk(v, where)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _walk(v, f"{prefix}[{i}]")
+    elif isinstance(data, str) and prefix.endswith("]"):
+        yield prefix, "", data
+
+
 def load_recipe(name: Optional[str] = None, config_path: Optional[str] = None,
                 overrides: Optional[list[str]] = None) -> RecipeConfig:
     """Resolve a named recipe or a user's YAML file, apply overrides, validate."""
@@ -325,6 +360,7 @@ def load_recipe(name: Optional[str] = None, config_path: Optional[str] = None,
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / cfg.name)
     _check_ranges(cfg)
+    _check_safety(cfg)
     return cfg
 
 

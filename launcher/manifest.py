@@ -11,9 +11,17 @@ from importlib import metadata
 from pathlib import Path
 
 # Keys whose values are secrets: the whole name or its last `_`/`-`/`.` part (hub_token, WANDB_API_KEY,
-# db.password), not names that merely contain the word (max_tokens, include_num_input_tokens_seen).
+# db.password), not names that merely contain the word (max_tokens, include_num_input_tokens_seen), nor a
+# tokenizer's special tokens (TRL configs take eos_token / pad_token).
 SECRET_KEY = re.compile(r"(^|[_.-])(token|secret|secret[_-]?key|password|passwd|api[_-]?key|credentials?|auth)$",
                         re.I)
+SPECIAL_TOKEN_KEYS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+# Values that are secrets whatever their key: HF, OpenAI-style and GitHub tokens.
+SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,})$")
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(key) and key.lower() not in SPECIAL_TOKEN_KEYS and bool(SECRET_KEY.search(key))
 # Environment variables whose values are scrubbed from every string written: any name that mentions one of these.
 SECRET_ENV = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.I)
 PACKAGES = ("torch", "transformers", "trl", "peft", "deepspeed", "accelerate", "bitsandbytes", "datasets")
@@ -25,7 +33,7 @@ def _secret_values() -> list[str]:
 
 def redact(value, key: str = ""):
     """Replace secrets in nested data: values under secret-looking keys, and any secret env value inside strings."""
-    if key and SECRET_KEY.search(key) and value not in (None, "", False):
+    if is_secret_key(key) and value not in (None, "", False):
         return "***"
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
@@ -36,7 +44,7 @@ def redact(value, key: str = ""):
             value = value.replace(secret, "***")
         if "=" in value:  # key=value on a command line
             k, _, v = value.partition("=")
-            if SECRET_KEY.search(k.split(".")[-1]) and v:
+            if is_secret_key(k.split(".")[-1]) and v:
                 value = f"{k}=***"
     return value
 

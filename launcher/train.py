@@ -124,9 +124,9 @@ def quiet_known_noise(verbose: bool) -> None:
 
     (`run` hides one notice always, before anything imports bitsandbytes: its CPU backend warns, on CPUs with
     AVX512-BF16, that the optional hub package `kernels` is absent -- it could not be fetched offline anyway and the
-    built-in kernel is used -- and a bad-input error must stay one line.) Per-map progress bars of datasets/TRL preprocessing and transformers' weight loading, and the
-    deprecation notice for `gradient_checkpointing` (the name TRL 1.12 configs still use), drown the one progress
-    line per logging step that ProgressPrinter writes."""
+    built-in kernel is used -- and a bad-input error must stay one line.) Per-map progress bars of datasets/TRL
+    preprocessing and transformers' weight loading, and the deprecation notice for `gradient_checkpointing` (the
+    name TRL 1.12 configs still use), drown the one progress line per logging step that ProgressPrinter writes."""
     if verbose:
         return
     import warnings
@@ -184,9 +184,6 @@ def run(argv: list[str]) -> int:
     # Before anything imports bitsandbytes (see quiet_known_noise).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     cfg = load_recipe(args.recipe, args.config, args.overrides)
-    from recipes.callbacks import validate_safety
-
-    validate_safety(cfg)  # TODO(lead): belongs in launcher/config.py _check_ranges
     env = DistEnv.from_env(args.local_rank)
     plan = make_plan(cfg, env)
     from launcher.ds_config import deepspeed_config

@@ -2,53 +2,10 @@
 from __future__ import annotations
 
 import math
-import re
 import sys
 import time
 
 from transformers import TrainerCallback
-
-
-SECRET_KEYS = {"token", "hub_token", "hf_token", "access_token", "auth_token", "api_key", "apikey", "wandb_api_key",
-               "secret", "secret_key", "password", "passwd", "credentials"}
-SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,})$")
-
-
-def validate_safety(cfg) -> None:
-    """Checks of the `safety:` section, and no secrets in a recipe or its overrides (they would land in
-    training_args.bin, which the HF Trainer pickles unredacted into every checkpoint). One-line UserError, exit 2."""
-    from launcher.config import to_yaml_dict
-    from launcher.errors import UserError
-
-    safety = cfg.safety
-    keep = safety.keep_checkpoints
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise UserError(f"safety.keep_checkpoints: must be at least 1 (the last good checkpoint is always kept), "
-                        f"got {keep!r}")
-    limit = safety.max_grad_norm_abort
-    if limit is not None and not (limit > 0 and math.isfinite(limit)):
-        raise UserError(f"safety.max_grad_norm_abort: must be a positive number (or null for no limit), got {limit!r}")
-    for where, key, value in _walk(to_yaml_dict(cfg)):
-        if (key.lower() in SECRET_KEYS and value not in (None, "", False)) or (
-                isinstance(value, str) and SECRET_VALUE.match(value.strip())):
-            raise UserError(f"{where}: looks like a secret; secrets must not be in recipes or overrides (they would be "
-                            f"written into the output directory); set it in the environment instead (HF_TOKEN, "
-                            f"WANDB_API_KEY, ...)")
-
-
-def _walk(data, prefix: str = ""):
-    if isinstance(data, dict):
-        for k, v in data.items():
-            where = f"{prefix}.{k}" if prefix else str(k)
-            yield where, str(k), v
-            yield from _walk(v, where)
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            yield from _walk(v, f"{prefix}[{i}]")
-    elif isinstance(data, str) and not prefix.endswith("]"):
-        return
-    elif isinstance(data, str):
-        yield prefix, "", data
 
 
 class HealthGuard(TrainerCallback):

@@ -18,6 +18,20 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(autouse=True)
+def _library_log_handlers_follow_capture():
+    """datasets/transformers create their StreamHandler once, on the sys.stderr of the test that first logged --
+    pytest's capture of that test, closed afterwards; a later test's log record then prints '--- Logging error ---'
+    with a traceback into its stderr. Point those handlers at the current stderr."""
+    import logging
+
+    for name in ("datasets", "transformers"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:  # not pytest's own capture handlers (subclasses)
+                handler.stream = sys.stderr  # not setStream: it flushes the old, closed stream first
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _ds_config_dir(tmp_path, monkeypatch):
     """Generated DeepSpeed configs of test runs go to the test's tmp dir, not the repo's ds_configs/."""
     monkeypatch.setenv("FTLAUNCH_DS_CONFIG_DIR", str(tmp_path / "ds_configs"))
