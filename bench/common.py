@@ -228,10 +228,6 @@ def ftlaunch_trainer(recipe: str, overrides: list, inventory, out_dir, training:
     from recipes import common as recipe_common
 
     cfg = load_recipe(recipe, None, [f"output_dir={out_dir}", *overrides])
-    if "warmup_ratio" in cfg.training:
-        # transformers 5 dropped warmup_ratio (warmup_steps takes a float ratio instead); the _7b recipes still
-        # say warmup_ratio, which `ftlaunch run` rejects. Same meaning, new name (reported as a needed fix).
-        cfg.training["warmup_steps"] = cfg.training.pop("warmup_ratio")
     cfg.training.update(training or {})
     request = request_from_recipe(cfg)
     plan = make_plan(request, inventory, request.shape)
