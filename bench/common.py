@@ -224,7 +224,7 @@ def ftlaunch_trainer(recipe: str, overrides: list, inventory, out_dir, training:
     from launcher.config import load_recipe
     from launcher.planner import plan as make_plan
     from launcher.recipe_request import request_from_recipe
-    from launcher.train import METHOD_MODULES, DistEnv, RunContext
+    from launcher.train import DistEnv, RunContext
     from recipes import common as recipe_common
 
     cfg = load_recipe(recipe, None, [f"output_dir={out_dir}", *overrides])
@@ -234,7 +234,7 @@ def ftlaunch_trainer(recipe: str, overrides: list, inventory, out_dir, training:
     if not plan.fits and not force:
         return None, plan, request, cfg
     ctx = RunContext(cfg=cfg, plan=plan, env=DistEnv(), ds_config=None, output_dir=Path(out_dir))
-    module = importlib.import_module(f"recipes.{METHOD_MODULES[cfg.method]}")
+    module = importlib.import_module(f"recipes.{cfg.method}")
     recipe_common.seed_everything(cfg.seed)
     trainer, _ = module.build(ctx)
     return trainer, plan, request, cfg

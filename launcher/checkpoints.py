@@ -23,6 +23,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from launcher.preempt import barrier
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MARKER = ".ftlaunch-complete"
 
@@ -155,15 +157,6 @@ def check_resumable(path: Path, world_size: int, deepspeed: bool) -> None:
             f"with the same launcher and rank count, or start afresh in a new output_dir (or --resume never)")
 
 
-def _barrier() -> None:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 class CheckpointCommitter(TrainerCallback):
     """Marks each checkpoint complete once every rank has written it, then rotates (see the module docstring).
 
@@ -193,12 +186,12 @@ class CheckpointCommitter(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        _barrier()  # every rank's shard is written
+        barrier()  # every rank's shard is written
         if state.is_world_process_zero and path.is_dir():
             mark_complete(path, {"world_size": args.world_size, "deepspeed": bool(args.deepspeed)})
             self.committed.append(state.global_step)
             rotate(Path(args.output_dir), self.keep, protect=(state.best_model_checkpoint,))
-        _barrier()
+        barrier()
         return control
 
 

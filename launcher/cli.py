@@ -65,13 +65,13 @@ def guarded(func, argv: list[str], debug: bool, verbose: bool = False) -> int:
             raise
         if _reports(verbose):
             print(f"ftlaunch: error: {e}", file=sys.stderr)
-        return 2
+        return UserError.exit_code
     except PlanDoesNotFit as e:
         if debug:
             raise
         if _reports(verbose):
             print(f"ftlaunch: does not fit: {e}", file=sys.stderr)
-        return 3
+        return PlanDoesNotFit.exit_code
     except PreflightError as e:  # rank- or node-specific (an unreachable peer, a node short of RAM): every rank says
         if debug:
             raise

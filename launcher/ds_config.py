@@ -9,6 +9,16 @@ from __future__ import annotations
 STEPS_PER_PRINT = 1_000_000  # HF's logging does the talking; DeepSpeed's own step prints only add noise
 
 
+def gradient_clipping(cfg) -> float:
+    """training.max_grad_norm (HF's default 1.0): the DeepSpeed JSON must say the same, or HF refuses to start."""
+    from launcher.errors import UserError
+
+    value = cfg.training.get("max_grad_norm", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise UserError(f"training.max_grad_norm: must be a number >= 0 (0 turns clipping off), got {value!r}")
+    return float(value)
+
+
 def deepspeed_config(plan, gradient_clipping: float = 1.0) -> dict:
     """ZeRO stage, offload, batch geometry and precision of `plan` as a DeepSpeed config dict."""
     bucket = int(plan.bucket_elements or 5e8)

@@ -100,11 +100,11 @@ class ModelStates:
 
 def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_bytes: float, zero_stage: int,
                  dp: int, offload_optimizer: bool = False, offload_param: bool = False,
-                 largest_layer: int = 0, partition_frozen: bool = True, deepspeed: bool = True) -> ModelStates:
+                 largest_layer: int = 0, deepspeed: bool = True) -> ModelStates:
     """ZeRO partitioning of one model over `dp` data-parallel ranks.
 
     stage 1 splits master weights + optimizer states, stage 2 also gradients, stage 3 also the 16-bit weights
-    (frozen ones too, unless `partition_frozen` is False: a replicated inference copy).
+    (frozen ones too, as TRL's prepare_deepspeed does with frozen models under ZeRO-3).
     `deepspeed=False` is a single process under torch autocast: trainable weights and grads in fp32, no separate
     master copy (what PEFT does with adapters too: it keeps them fp32 over a 16-bit base).
     """
@@ -122,7 +122,7 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
     if zero_stage >= 2:
         grads /= split
     if zero_stage == 3:
-        weights = (weight16 + frozen_bytes) / split if partition_frozen else weight16 / split + frozen_bytes
+        weights = (weight16 + frozen_bytes) / split
         weights += 4 * largest_layer  # the gathered layer (16-bit params + grads), DeepSpeed's largest_layer_memory
     else:
         weights = weight16 + frozen_bytes

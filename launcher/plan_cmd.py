@@ -5,10 +5,8 @@ import argparse
 import json
 import sys
 
-from launcher.errors import UserError
+from launcher.errors import PlanDoesNotFit, UserError
 from launcher.memory import GiB, fmt_bytes
-
-EXIT_DOES_NOT_FIT = 3
 
 
 def _plan_parser() -> argparse.ArgumentParser:
@@ -93,7 +91,7 @@ def cmd_plan(argv: list[str]) -> int:
             print(json.dumps(ds, indent=2))
     if not result.fits:
         print(f"ftlaunch: does not fit: {result.reason}", file=sys.stderr)
-        return EXIT_DOES_NOT_FIT
+        return PlanDoesNotFit.exit_code
     return 0
 
 

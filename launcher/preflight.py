@@ -2,7 +2,7 @@
 
     ftlaunch check [--recipe R] [--timeout 60]            # one process: host checks only
     srun --ntasks-per-node=1 ftlaunch check --recipe R     # every node: host checks + all-reduce across nodes
-    torchrun ... / deepspeed ... launcher/run.py ...       # the runner may call preflight() first on every rank
+    torchrun ... / deepspeed ... launcher/run.py ...       # the runner calls at_start() on every rank
 
 `preflight(world_size, timeout_s)` runs on every rank: it all-reduces one tensor over torch.distributed with a
 timeout (a gloo group, so it works beside NCCL) and names the node that did not answer; rank 0 of each node checks
@@ -124,10 +124,11 @@ def dist_env(env: Mapping[str, str] = os.environ) -> tuple[int, int, int, Option
                 env.get("MASTER_ADDR"), int(port) if port else None)
     if env.get("SLURM_NTASKS") and env.get("SLURM_PROCID") and env.get("SLURM_STEP_ID") is not None:
         from launcher.inventory import expand_nodelist
+        from launcher.slurm import BASE_PORT, PORT_RANGE  # the sbatch scripts' MASTER_PORT rule
 
         hosts = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
         job = int(env.get("SLURM_JOB_ID", "0"))
-        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else 20000 + job % 20000 + PREFLIGHT_PORT_OFFSET
+        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else BASE_PORT + job % PORT_RANGE + PREFLIGHT_PORT_OFFSET
         return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                 env.get("MASTER_ADDR") or (hosts[0] if hosts else None), port)
     return 0, 1, 0, None, None
@@ -285,26 +286,19 @@ def at_start(plan, rank: int, local_rank: int, world_size: int, ranks_per_node: 
     return report
 
 
-def _model_load_bytes(recipe: Optional[str], config: Optional[str], overrides: list[str],
-                      ranks_per_node: int = 1) -> Optional[int]:
-    """Bytes of weights one rank loads at once for a recipe (from its shape, no download); None if unknown.
-    With plan.zero_stage=3 the weights are partitioned while loading (zero.Init): about 1/ranks_per_node each."""
+def _model_load_bytes(recipe: Optional[str], config: Optional[str], overrides: list[str]) -> Optional[int]:
+    """Bytes of host RAM one rank needs while loading a recipe's model (from its shape, no download), by the
+    planner's rule (launcher/memory.py); None without a recipe."""
     if not (recipe or config):
         return None
+    from launcher import memory as mem
     from launcher.config import load_recipe
     from launcher.shapes import resolve_shape
 
     cfg = load_recipe(recipe, config, overrides)
     shape = resolve_shape(cfg.model.name, cfg.model.tiny)
-    dtype = str(getattr(cfg.model, "dtype", "auto"))
-    per_param = 4 if dtype in ("float32", "fp32") else 2
-    if getattr(getattr(cfg, "quant", None), "load_in_4bit", False):
-        per_param = 0.5
-    params = shape.num_params() if callable(shape.num_params) else shape.num_params
-    total = params * per_param
-    if getattr(cfg.plan, "zero_stage", None) == 3:
-        total /= max(1, ranks_per_node)
-    return int(total)
+    quantized = cfg.method == "qlora" or cfg.quant.load_in_4bit
+    return int(mem.load_bytes_per_rank(shape.num_params, cfg.plan.zero_stage or 0, quantized))
 
 
 def cmd_check(argv: list[str]) -> int:
@@ -330,7 +324,7 @@ def cmd_check(argv: list[str]) -> int:
         from launcher.inventory import slurm_gpus_per_node
 
         per_node = int(local) if local else (slurm_gpus_per_node(os.environ) or _visible_gpus() or 1)
-    load = _model_load_bytes(args.recipe, args.config, args.overrides, per_node)
+    load = _model_load_bytes(args.recipe, args.config, args.overrides)
     report = preflight(None, args.timeout, ranks_per_node=per_node, load_bytes_per_rank=load, raise_on_error=False,
                        quiet=True)
     for line in report.lines():

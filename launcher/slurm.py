@@ -293,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--python", help="Python on the nodes (default: this interpreter)")
     p.add_argument("--no-chdir", action="store_true", help="no #SBATCH --chdir: run in the submit directory")
     p.add_argument("--write", metavar="FILE", help="write the script to FILE instead of printing it")
-    p.add_argument("--submit", action="store_true", help="write it (to --write or slurm/RECIPE.sbatch) and sbatch it")
+    p.add_argument("--submit", action="store_true", help="write it (to --write or slurm/ftl-RECIPE.sbatch) and sbatch it")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     return p

@@ -20,9 +20,7 @@ from launcher.errors import PlanDoesNotFit, UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = Path(os.environ.get("FTLAUNCH_DS_CONFIG_DIR", REPO_ROOT / "ds_configs"))
-METHOD_MODULES = {"sft": "sft", "qlora": "qlora", "rm": "rm", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo",
-                  "classify": "classify"}
-PREEMPTED_EXIT_CODE = 143  # what a SIGTERM'd process returns: the sbatch scripts requeue on it
+DIVERGED_EXIT_CODE = 1  # loss went NaN/inf or the gradient norm exploded; the last good checkpoint is kept
 
 
 @dataclass
@@ -186,13 +184,13 @@ def run(argv: list[str]) -> int:
     cfg = load_recipe(args.recipe, args.config, args.overrides)
     env = DistEnv.from_env(args.local_rank)
     plan = make_plan(cfg, env)
-    from launcher.ds_config import deepspeed_config
+    from launcher.ds_config import deepspeed_config, gradient_clipping
 
-    ds = deepspeed_config(plan) if env.launched else None
+    ds = deepspeed_config(plan, gradient_clipping(cfg)) if env.launched else None
     out = Path(cfg.output_dir)
     existed = out.exists() and any(out.iterdir())
     ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=out)
-    module = importlib.import_module(f"recipes.{METHOD_MODULES[cfg.method]}")
+    module = importlib.import_module(f"recipes.{cfg.method}")  # one module per method
     try:
         return _run(ctx, module, args, argv)
     except UserError:
@@ -260,6 +258,8 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     preempted = any(getattr(cb, "preempted", False) for cb in ctx.callbacks)
     stopped = next((cb.stop_reason for cb in ctx.callbacks if getattr(cb, "stop_reason", None)), None)
     if preempted:
+        from launcher.preempt import PREEMPTED_EXIT_CODE
+
         if env.is_main:
             update_manifest(out, status="preempted", step=trainer.state.global_step)
             print(f"ftlaunch: preempted at step {trainer.state.global_step}; checkpoint saved, exiting for requeue")
@@ -268,7 +268,7 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         if env.is_main:
             update_manifest(out, status="failed", step=trainer.state.global_step, error=stopped)
             print(f"ftlaunch: error: {stopped}", file=sys.stderr, flush=True)
-        return common.TrainingDiverged.exit_code
+        return DIVERGED_EXIT_CODE
 
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(str(out))

@@ -1,6 +1,7 @@
 """The one builder every recipe shares: model path, tokenizer, quantisation, PEFT.
 
-Recipes never load models themselves; they ask here, so QLoRA/LoRA/DoRA/prompt tuning behave the same in every method.
+Recipes load the model they train here, so QLoRA/LoRA/DoRA/prompt tuning behave the same in every method (the
+frozen scoring models of PPO and the classifier's reload for evaluation go through recipes/rewards.py).
 """
 from __future__ import annotations
 
@@ -171,21 +172,6 @@ def outside_zero3():
     finally:
         if active is not None:
             hf_deepspeed.set_hf_deepspeed_config(active)
-
-
-def load_trained(output_dir: str, auto_class=None, **kwargs):
-    """Reload what a run saved (full model or adapter on its base) the way a user would."""
-    from transformers import AutoModelForCausalLM
-
-    auto_class = auto_class or AutoModelForCausalLM
-    out = Path(output_dir)
-    if (out / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = auto_class.from_pretrained(base_path, **kwargs)
-        return PeftModel.from_pretrained(base, out)
-    return auto_class.from_pretrained(out, **kwargs)
 
 
 def load_for_eval(cfg, plan, path: str, output_dir, when: str, auto_class=None):

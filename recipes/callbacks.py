@@ -17,19 +17,17 @@ class HealthGuard(TrainerCallback):
     Every rank sees the same values (the loss is gathered across ranks, the gradient norm is global), so all ranks
     stop at the same step."""
 
-    def __init__(self, safety, every_step: bool = True):
+    def __init__(self, safety):
         self.stop_on_nan = safety.stop_on_nan
         self.max_grad_norm = safety.max_grad_norm_abort
-        self.every_step = every_step
         self.stop_reason = None
-        self.step = None
 
     @property
     def active(self) -> bool:
         return bool(self.stop_on_nan or self.max_grad_norm is not None)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.active and (self.every_step or control.should_save):
+        if self.active:
             control.should_log = True
         return control
 
@@ -51,7 +49,6 @@ class HealthGuard(TrainerCallback):
         if problem:
             from launcher.checkpoints import newest_complete_checkpoint
 
-            self.step = state.global_step
             last = newest_complete_checkpoint(args.output_dir)
             kept = f"the last good checkpoint {last.name} is kept" if last else "no checkpoint was saved before it"
             self.stop_reason = (f"training diverged at step {state.global_step}: {problem}; {kept} (lower "

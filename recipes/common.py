@@ -17,12 +17,6 @@ PLAN_OWNED = {"per_device_train_batch_size": "plan.micro_batch_size",
               "seed": "seed", "use_cpu": "the planner (device)"}
 
 
-class TrainingDiverged(Exception):
-    """Loss went NaN/inf or the gradient norm exploded; the last good checkpoint is kept."""
-
-    exit_code = 1
-
-
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -44,16 +38,15 @@ def training_kwargs(ctx, **method_defaults) -> dict:
     for key in cfg.training:
         if key in PLAN_OWNED:
             raise UserError(f"training.{key}: set by {PLAN_OWNED[key]}, not in training:; remove it")
+    from launcher.ds_config import gradient_clipping, training_args_overrides
+
     kw = dict(
         output_dir=str(ctx.output_dir),
         seed=cfg.seed,
         data_seed=cfg.seed,
-        per_device_train_batch_size=plan.micro_batch_size,
+        # batch geometry, checkpointing, precision and clipping exactly as in the DeepSpeed JSON of the same plan
+        **training_args_overrides(plan, gradient_clipping(cfg)),
         per_device_eval_batch_size=max(plan.micro_batch_size, 8),
-        gradient_accumulation_steps=plan.gradient_accumulation_steps,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        bf16=plan.precision == "bf16",
-        fp16=plan.precision == "fp16",
         # On CPU, use_cpu=True is what makes accelerate see every DeepSpeed rank (CPU-FACTS: without it each rank
         # silently believes it is alone).
         use_cpu=not has_cuda(),

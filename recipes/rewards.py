@@ -162,7 +162,7 @@ def reward_model_function(path: str, tokenizer, field: str = "grpo.reward", dtyp
 
 
 def resolve(name_or_path: str, tokenizer, field: str = "grpo.reward", dtype=None) -> Callable:
-    """`grpo.reward` / `ppo.eval_reward`: a registered function name, or a reward model directory."""
+    """`grpo.reward`: a registered function name, or a reward model directory."""
     if name_or_path in REWARDS:
         return REWARDS[name_or_path]
     if looks_like_path(name_or_path):

@@ -200,7 +200,6 @@ def last_user_text(prompt) -> str:
     return text_of(prompt)
 
 
-_text_of, _last_user_text = text_of, last_user_text  # older private names, still used by recipes/rewards.py
 
 
 def first_answer(completion: str) -> str:

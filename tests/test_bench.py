@@ -25,7 +25,7 @@ def test_bench_modules_import(name):
     assert module.__doc__
 
 
-def test_memory_accuracy_configurations_cover_the_issue():
+def test_memory_accuracy_configurations_span_methods_lengths_and_sizes():
     from bench.memory_accuracy import GPU_CONFIGS, RECIPES, TINY_CONFIGS, shape_of
     from launcher.inventory import parse_spec
     from launcher.planner import PlanRequest, estimate

@@ -138,3 +138,22 @@ def test_real_training_arguments_accept_the_config(tmp_path):
         assert args.hf_deepspeed_config.config["train_batch_size"] == 32
     finally:
         unset_hf_deepspeed_config()
+
+
+def test_recipe_max_grad_norm_reaches_both_configs(tmp_path):
+    """training.max_grad_norm in a recipe: the runner's DeepSpeed JSON and the recipe's TrainingArguments agree
+    (HF compares gradient_clipping with max_grad_norm and refuses to start on a mismatch); nonsense is one line."""
+    from launcher.config import load_recipe
+    from launcher.ds_config import gradient_clipping
+    from launcher.errors import UserError
+    from launcher.train import DistEnv, RunContext
+    from recipes.common import training_kwargs
+
+    p = make_plan("tiny", "lora", "cpu", 32, dict(zero_stage=2))
+    cfg = load_recipe("lora_tiny", overrides=["training.max_grad_norm=0.3"])
+    ds = deepspeed_config(p, gradient_clipping(cfg))
+    ctx = RunContext(cfg=cfg, plan=p, env=DistEnv(), ds_config=ds, output_dir=tmp_path)
+    kw = training_kwargs(ctx)
+    assert ds["gradient_clipping"] == kw["max_grad_norm"] == 0.3
+    with pytest.raises(UserError, match="training.max_grad_norm"):
+        gradient_clipping(load_recipe("lora_tiny", overrides=["training.max_grad_norm=lots"]))

@@ -1,4 +1,4 @@
-"""Issue 9: recipes on the real pretrained models (SmolLM2-135M-Instruct, MiniLM-L6).
+"""Recipes on the real pretrained models (SmolLM2-135M-Instruct, MiniLM-L6).
 
 Fast tests check the task data (recipes/real_tasks.py) and that every *_smol / cls_minilm recipe loads and plans.
 The slow ones train for real, a few steps: QLoRA on SmolLM2 (the adapter saved to disk reproduces the in-memory
