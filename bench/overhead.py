@@ -115,7 +115,7 @@ def compare_args(a: Path, b: Path) -> list[str]:
     the plain script here writes the same), paths aside."""
     x = json.loads((a / "training_args.json").read_text())
     y = json.loads((b / "training_args.json").read_text())
-    skip = {"output_dir", "logging_dir", "run_name", "hub_model_id"}
+    skip = {"output_dir", "logging_dir", "run_name", "hub_model_id", "hub_token"}  # hub_token: both redacted
     return [f"{k}: ftlaunch {x.get(k)!r} vs plain {y.get(k)!r}" for k in sorted(set(x) | set(y))
             if k not in skip and x.get(k) != y.get(k)]
 

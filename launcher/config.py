@@ -127,8 +127,22 @@ class RecipeConfig:
         raise AttributeError(key)
 
 
-# Method sections allowed at top level besides the dataclass fields.
-METHOD_SECTIONS = ("sft", "rm", "ppo", "dpo", "grpo", "classify", "pipeline")
+# Method sections allowed at top level besides the dataclass fields, with the keys each takes: the recipe module of
+# the same name reads them (`pipeline` is read by launcher/pipeline.py, with any method). Checked when the recipe
+# loads, so a typo fails before anything runs.
+METHOD_SECTION_KEYS = {
+    "rm": ("center_rewards_coefficient",),
+    "ppo": ("reward_model", "value_model", "response_length", "num_ppo_epochs", "num_mini_batches", "kl_coef",
+            "kl_estimator", "temperature", "missing_eos_penalty", "cliprange", "cliprange_value", "vf_coef", "gamma",
+            "lam", "whiten_rewards", "local_rollout_forward_batch_size"),
+    "dpo": ("beta", "loss_type"),
+    "grpo": ("reward", "reward_weights", "num_generations", "max_completion_length", "beta", "temperature",
+             "loss_type", "scale_rewards"),
+    "classify": ("metric", "early_stopping_patience", "early_stopping_threshold", "eval_steps", "class_weights",
+                 "freeze_layers", "num_labels"),
+    "pipeline": ("output_dir", "stages", "description"),
+}
+METHOD_SECTIONS = tuple(METHOD_SECTION_KEYS)
 
 
 class _Loader(yaml.SafeLoader):
@@ -293,6 +307,18 @@ def _check_ranges(cfg: RecipeConfig) -> None:
              "ppo.reward_model: PPO needs a reward model; set ppo.reward_model to a trained rm output dir")
 
 
+def _check_sections(cfg: RecipeConfig) -> None:
+    for section, values in cfg.method_args.items():
+        if section not in (cfg.method, "pipeline"):
+            raise UserError(f"{section}: this section is read by method {section} only, and this recipe's method is "
+                            f"{cfg.method}; remove the section or set method: {section}")
+        valid = METHOD_SECTION_KEYS[section]
+        for key in values:
+            if key not in valid:
+                raise UserError(f"unknown config key '{section}.{key}'{_did_you_mean(str(key), valid)}; "
+                                f"valid keys here: {', '.join(valid)}")
+
+
 def _check_safety(cfg: RecipeConfig) -> None:
     """The `safety:` section, and no secrets in a recipe or its overrides: they would land in training_args.bin,
     which the HF Trainer pickles unredacted into every checkpoint."""
@@ -361,6 +387,7 @@ def load_recipe(name: Optional[str] = None, config_path: Optional[str] = None,
         cfg.output_dir = str(Path("runs") / cfg.name)
     _check_ranges(cfg)
     _check_safety(cfg)
+    _check_sections(cfg)
     return cfg
 
 

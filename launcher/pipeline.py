@@ -73,9 +73,6 @@ def load_stages(cfg) -> list[dict]:
     if not section:
         raise UserError(f"recipe '{cfg.name}' has no pipeline: section; run it with `ftlaunch run --recipe "
                         f"{cfg.name}`, or give a pipeline recipe such as rlhf_tiny")
-    unknown = set(section) - {"output_dir", "stages", "description"}
-    if unknown:
-        raise UserError(f"pipeline.{sorted(unknown)[0]}: unknown key; valid keys: output_dir, stages")
     stages = section.get("stages")
     if not isinstance(stages, list) or not stages:
         raise UserError("pipeline.stages: expected a non-empty list of {name, recipe, overrides}")

@@ -15,8 +15,6 @@ from launcher.errors import UserError
 from recipes import builder, common
 
 DATA_KIND = "classification"
-SECTION_KEYS = {"metric", "early_stopping_patience", "early_stopping_threshold", "eval_steps", "class_weights",
-                "freeze_layers", "num_labels"}
 
 
 def build(ctx):
@@ -26,9 +24,6 @@ def build(ctx):
 
     cfg, plan = ctx.cfg, ctx.plan
     section = cfg.section("classify")
-    unknown = set(section) - SECTION_KEYS
-    if unknown:
-        raise UserError(f"classify.{sorted(unknown)[0]}: unknown key; valid keys: {', '.join(sorted(SECTION_KEYS))}")
     metric = section.get("metric", "f1")
     if metric not in ("accuracy", "f1"):
         raise UserError(f"classify.metric: {metric!r} is not one of accuracy, f1")

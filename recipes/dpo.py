@@ -15,7 +15,6 @@ DATA_KIND = "preference"
 def build(ctx):
     from trl import DPOConfig, DPOTrainer
 
-
     cfg, plan = ctx.cfg, ctx.plan
     section = cfg.section("dpo")
     path = builder.model_path(cfg)

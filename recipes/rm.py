@@ -15,7 +15,6 @@ def build(ctx):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-
     cfg, plan = ctx.cfg, ctx.plan
     section = cfg.section("rm")
     path = builder.model_path(cfg)

@@ -12,7 +12,6 @@ DATA_KIND = "sft"
 def build(ctx):
     from trl import SFTConfig, SFTTrainer
 
-
     cfg, plan = ctx.cfg, ctx.plan
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)

@@ -53,8 +53,8 @@ def test_cli_bad_input_exit_2_one_line_no_traceback(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert lines == ["ftlaunch: error: unknown config key 'pef' (did you mean 'peft'?); valid keys here: method, "
-                     "description, output_dir, seed, model, peft, quant, data, plan, eval, safety, training, sft, rm, "
-                     "ppo, dpo, grpo, classify, pipeline"]
+                     "description, output_dir, seed, model, peft, quant, data, plan, eval, safety, training, rm, ppo, "
+                     "dpo, grpo, classify, pipeline"]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 

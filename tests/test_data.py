@@ -151,6 +151,30 @@ def test_chat_template_assistant_masks(tok):
     assert tok.apply_chat_template(messages, tokenize=False).startswith(prompt)
 
 
+def test_count_tokens_matches_tokenizing_each_row(tok):
+    """The batched count is what tokenizing row by row gives: +1 eos on plain text, chat through the template,
+    the longer side of a preference pair."""
+    from recipes.data import count_tokens
+
+    def one(value, generation_prompt=False, eos=1):
+        if isinstance(value, list):
+            text = tok.apply_chat_template(value, tokenize=False, add_generation_prompt=generation_prompt)
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+        return len(tok(value)["input_ids"]) + eos
+
+    user = [{"role": "user", "content": "What is 12+30?"}]
+    short, long = [{"role": "assistant", "content": "42"}], [{"role": "assistant", "content": "it is 42, surely"}]
+    assert count_tokens({"text": ["12+30=42", "7+1=8 and more"]}, tok, "sft")["_n_tokens"] == [
+        one("12+30=42"), one("7+1=8 and more")]
+    assert count_tokens({"messages": [user + short, user + long]}, tok, "sft")["_n_tokens"] == [
+        one(user + short), one(user + long)]
+    pairs = {"prompt": ["1+1=", user], "chosen": ["2", long], "rejected": ["3 or maybe 4", short]}
+    assert count_tokens(pairs, tok, "preference")["_n_tokens"] == [
+        max(one("1+1=2"), one("1+1=3 or maybe 4")), max(one(user + long), one(user + short))]
+    assert count_tokens({"prompt": ["1+1=", user]}, tok, "prompts")["_n_tokens"] == [
+        one("1+1=", eos=0), one(user, generation_prompt=True)]
+
+
 def test_tiny_model_config(tok):
     from recipes.tiny import tiny_model_config
 

@@ -134,7 +134,7 @@ def test_redaction_hits_secret_keys_only(monkeypatch):
 
 def test_secret_overrides_are_refused(tmp_path, capsys):
     """A token on the command line would be pickled into every checkpoint's training_args.bin: refused, exit 2."""
-    for override in (f"training.hub_token={HF}", f"sft.hf_token={HF}", f"description={HF}"):
+    for override in (f"training.hub_token={HF}", f"rm.hf_token={HF}", f"description={HF}"):
         out = tmp_path / "out"
         assert run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", override) == 2
         err = capsys.readouterr().err
