@@ -60,23 +60,12 @@ def guarded(func, argv: list[str], debug: bool, verbose: bool = False) -> int:
     """Run a command; bad input -> one line + exit 2, no fit -> exit 3, no traceback unless --debug."""
     try:
         return int(func(argv) or 0)
-    except UserError as e:
+    except (UserError, PlanDoesNotFit, PreflightError) as e:
         if debug:
             raise
-        if _reports(verbose):
-            print(f"ftlaunch: error: {e}", file=sys.stderr)
-        return UserError.exit_code
-    except PlanDoesNotFit as e:
-        if debug:
-            raise
-        if _reports(verbose):
-            print(f"ftlaunch: does not fit: {e}", file=sys.stderr)
-        return PlanDoesNotFit.exit_code
-    except PreflightError as e:  # rank- or node-specific (an unreachable peer, a node short of RAM): every rank says
-        if debug:
-            raise
-        print(f"ftlaunch: pre-flight check failed: {e}", file=sys.stderr, flush=True)
-        return PreflightError.exit_code
+        if isinstance(e, PreflightError) or _reports(verbose):
+            print(f"ftlaunch: {e.label}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except BrokenPipeError:  # `ftlaunch plan | head`: the reader left; not an error of ours
         sys.stderr = open(os.devnull, "w")
         return 0

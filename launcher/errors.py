@@ -11,6 +11,7 @@ class UserError(Exception):
     """Bad input (config, data, arguments): exit 2 with a one-line message, no traceback."""
 
     exit_code = 2
+    label = "error"
 
     def __init__(self, message=""):
         super().__init__(_one_line(message))
@@ -20,12 +21,15 @@ class PlanDoesNotFit(Exception):
     """The plan does not fit the hardware: exit 3; the message says by how much and what would."""
 
     exit_code = 3
+    label = "does not fit"
 
     def __init__(self, message=""):
         super().__init__(_one_line(message))
 
 
 class PreflightError(RuntimeError):
-    """A rank did not answer in time, or the node clearly cannot hold what it is asked to load: exit 1."""
+    """A rank did not answer in time, or the node clearly cannot hold what it is asked to load: exit 1. Rank- or
+    node-specific (an unreachable peer, a node short of RAM), so every rank reports its own."""
 
     exit_code = 1
+    label = "pre-flight check failed"

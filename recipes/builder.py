@@ -194,3 +194,83 @@ def load_for_eval(cfg, plan, path: str, output_dir, when: str, auto_class=None):
 
         model = PeftModel.from_pretrained(model, output_dir)
     return model, load_tokenizer(cfg, path)
+
+
+# ---- adapters folded into their base: `ftlaunch export --merge`, and earlier stages' adapters that PPO loads -------
+
+def trained_in_4bit(run_dir) -> dict | None:
+    """The run's `quant:` section when its base was loaded in 4-bit (from the resolved recipe.yaml), else None."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()) or {}
+    except OSError:
+        return None
+    quant = recipe.get("quant") or {}
+    return quant if (quant.get("load_in_4bit") or recipe.get("method") == "qlora") else None
+
+
+def adapter_head_labels(adapter_dir) -> int | None:
+    """Outputs of the classification head an adapter carries (peft saves the head whole, as modules_to_save): a
+    reward model's is 1, which the base's config does not know."""
+    import re
+
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if re.search(r"\.(score|classifier|classifier\.out_proj)(\.modules_to_save\.default)?\.weight$", key):
+                return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
+def merge_adapter(adapter_dir, dtype=None, base: str = "dequantized", auto_class=None, **load_kwargs):
+    """(model, tokenizer source): the adapter's base with the adapter folded in, a plain transformers model.
+
+    A QLoRA adapter was trained against the NF4-quantised base, not the original weights: `base="dequantized"`
+    merges it into that base dequantised, so the merged model computes what the adapter model computed in
+    training, up to float rounding; `base="original"` merges into the original weights (what most tools do; off by
+    the 4-bit quantisation error). Sequence-classification adapters get their head size from the adapter itself.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    adapter_dir = Path(adapter_dir)
+    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_path = adapter_cfg["base_model_name_or_path"]
+    kwargs = dict(load_kwargs, **({"dtype": dtype} if dtype is not None else {}))
+    if adapter_cfg.get("task_type") == "SEQ_CLS":
+        auto_class = auto_class or AutoModelForSequenceClassification
+        if adapter_head_labels(adapter_dir):
+            kwargs.setdefault("num_labels", adapter_head_labels(adapter_dir))
+    auto_class = auto_class or AutoModelForCausalLM
+    quant = trained_in_4bit(adapter_dir) if base == "dequantized" else None
+    if quant is None:
+        model = auto_class.from_pretrained(base_path, **kwargs)
+    else:
+        compute = dtype or torch.float32
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
+                                    bnb_4bit_use_double_quant=quant.get("double_quant", True),
+                                    bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+        model = auto_class.from_pretrained(base_path, quantization_config=config, **kwargs)
+        same_4bit_kernels(model)
+        model = model.dequantize(dtype=compute)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
+    return merged, str(tokenizer_dir)
+
+
+def save_merged(model, tokenizer_dir: str, out_dir) -> None:
+    """Model (safetensors) and tokenizer, as one HF directory; a classifier learns its pad token from the
+    tokenizer, or it could not score a padded batch."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -77,29 +77,23 @@ def merged_dir(adapter_dir, auto_class=None, **load_kwargs) -> Path:
     """A full-model copy of `adapter_dir` (base + adapter, merged), made once and cached next to the tiny models.
 
     PPO needs plain models (its reward/value code calls `model.score` on the backbone; the policy gets a fresh
-    adapter), so adapter outputs of earlier stages (SFT LoRA, RM LoRA) are merged before use.
+    adapter), so adapter outputs of earlier stages (SFT LoRA/QLoRA, RM LoRA) are merged before use, the way
+    `ftlaunch export --merge` merges them (QLoRA into its dequantised base).
     """
-    from recipes.builder import _publish_dir, cache_dir
+    from recipes.builder import _publish_dir, cache_dir, merge_adapter, save_merged
 
     adapter_dir = Path(adapter_dir).resolve()
+    # "v": how merging is done (2: QLoRA adapters into their dequantised base); a change must not reuse old copies
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(adapter_dir.iterdir()) if p.is_file()]
     key = hashlib.sha256(json.dumps({"d": str(adapter_dir), "f": stamp, "k": sorted(map(str, load_kwargs.items())),
-                                     "c": getattr(auto_class, "__name__", None)}).encode()).hexdigest()
+                                     "c": getattr(auto_class, "__name__", None), "v": 2}).encode()).hexdigest()
     final = cache_dir() / "merged" / f"{adapter_dir.name}-{key[:16]}"
     if (final / "config.json").is_file():
         return final
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    auto_class = auto_class or AutoModelForCausalLM
-    base_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = auto_class.from_pretrained(base_path, **load_kwargs)
-    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    model, tokenizer_dir = merge_adapter(adapter_dir, auto_class=auto_class, **load_kwargs)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=final.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
-    AutoTokenizer.from_pretrained(tok_src).save_pretrained(tmp)
+    save_merged(model, tokenizer_dir, tmp)
     _publish_dir(tmp, final)
     return final
 

@@ -20,6 +20,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for recipe in ("lora_tiny", "qlora_tiny"):
         assert run_inprocess("run", "--recipe", recipe, f"output_dir={root / recipe}", *FAST) == 0
+    # a LoRA reward model: a sequence-classification adapter whose one-output head the base's config does not know
+    assert run_inprocess("run", "--recipe", "rm_tiny", "peft.method=lora", f"output_dir={root / 'rm_lora'}",
+                         *FAST) == 0
     return root
 
 
@@ -36,12 +39,12 @@ def _adapter_model(run_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launcher.export import load_base, trained_in_4bit
+    from recipes.builder import trained_in_4bit
 
     base_path = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     quant = trained_in_4bit(run_dir)
     if quant is None:
-        base = load_base(base_path, AutoModelForCausalLM, torch.float32, None)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     else:
         from transformers import BitsAndBytesConfig
 
@@ -77,6 +80,29 @@ def test_merged_model_computes_what_the_adapter_model_did(runs, recipe, tmp_path
         assert off > 100 * max(diff, 1e-7), (off, diff)
 
 
+def test_merged_reward_model_scores_what_the_adapter_did(runs, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir, out = runs / "rm_lora", tmp_path / "merged"
+    assert run_inprocess("export", str(run_dir), "--merge", "--out", str(out)) == 0
+    assert "AutoModelForSequenceClassification.from_pretrained" in capsys.readouterr().out
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert merged.config.num_labels == 1 and merged.config.pad_token_id is not None
+    base_path = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32,
+                                                              pad_token_id=merged.config.pad_token_id)
+    adapter = PeftModel.from_pretrained(base, run_dir).eval()
+    pad = merged.config.pad_token_id
+    ids = torch.tensor([[1, 20, 21, 22, 23, 24, 25, 26], [1, 30, 31, 32, pad, pad, pad, pad]])
+    mask = (ids != pad).long()
+    with torch.no_grad():
+        got, expected = merged(input_ids=ids, attention_mask=mask).logits, adapter(input_ids=ids, attention_mask=mask).logits
+    assert got.shape == (2, 1)
+    assert (got - expected).abs().max().item() <= MERGE_TOLERANCE
+
+
 def test_export_refuses_what_it_cannot_merge(runs, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     assert run_inprocess("export", str(tmp_path / "full"), "--merge") == 2
@@ -90,8 +116,9 @@ def test_runs_lists_status_step_and_score(runs, capsys):
     (runs / "broken" / "manifest.json").write_text("{not json")  # skipped, not a crash
     assert run_inprocess("runs", str(runs), "--json") == 0
     rows = {r["recipe"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"lora_tiny", "qlora_tiny"}
+    assert set(rows) == {"lora_tiny", "qlora_tiny", "rm_tiny"}
     for row in rows.values():
-        assert row["status"] == "finished" and row["step"] == 6 and row["best"].startswith("exact_match=")
+        assert row["status"] == "finished" and row["step"] == 6
+        assert row["best"].startswith("pairwise_accuracy=" if row["recipe"] == "rm_tiny" else "exact_match="), row
     assert run_inprocess("runs", str(runs)) == 0
     assert "lora_tiny" in capsys.readouterr().out
