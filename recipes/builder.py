@@ -98,11 +98,13 @@ def quantization_config(cfg, plan):
     """bitsandbytes NF4 + double quantisation. Storage dtype = compute dtype, so ZeRO-3 can shard the 4-bit weights."""
     if not cfg.quant.load_in_4bit:
         return None
+    return bnb_4bit_config(cfg.quant.quant_type, cfg.quant.double_quant, torch_dtype(cfg, plan))
+
+
+def bnb_4bit_config(quant_type: str, double_quant: bool, dtype):
     from transformers import BitsAndBytesConfig
 
-    dtype = torch_dtype(cfg, plan)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.quant_type,
-                              bnb_4bit_use_double_quant=cfg.quant.double_quant,
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 
 
@@ -237,7 +239,7 @@ def merge_adapter(adapter_dir, dtype=None, base: str = "dequantized", auto_class
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     adapter_dir = Path(adapter_dir)
     adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -245,17 +247,16 @@ def merge_adapter(adapter_dir, dtype=None, base: str = "dequantized", auto_class
     kwargs = dict(load_kwargs, **({"dtype": dtype} if dtype is not None else {}))
     if adapter_cfg.get("task_type") == "SEQ_CLS":
         auto_class = auto_class or AutoModelForSequenceClassification
-        if adapter_head_labels(adapter_dir):
-            kwargs.setdefault("num_labels", adapter_head_labels(adapter_dir))
+        labels = adapter_head_labels(adapter_dir)
+        if labels:
+            kwargs.setdefault("num_labels", labels)
     auto_class = auto_class or AutoModelForCausalLM
     quant = trained_in_4bit(adapter_dir) if base == "dequantized" else None
     if quant is None:
         model = auto_class.from_pretrained(base_path, **kwargs)
     else:
         compute = dtype or torch.float32
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
-                                    bnb_4bit_use_double_quant=quant.get("double_quant", True),
-                                    bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+        config = bnb_4bit_config(quant.get("quant_type", "nf4"), quant.get("double_quant", True), compute)
         model = auto_class.from_pretrained(base_path, quantization_config=config, **kwargs)
         same_4bit_kernels(model)
         model = model.dequantize(dtype=compute)

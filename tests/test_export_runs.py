@@ -46,13 +46,10 @@ def _adapter_model(run_dir):
     if quant is None:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     else:
-        from transformers import BitsAndBytesConfig
+        from recipes.builder import bnb_4bit_config, same_4bit_kernels
 
-        from recipes.builder import same_4bit_kernels
-
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32))
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                    quantization_config=bnb_4bit_config("nf4", True, torch.float32))
         same_4bit_kernels(base)
     return PeftModel.from_pretrained(base, run_dir)
 
