@@ -17,6 +17,7 @@ from launcher.errors import UserError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 BASES = ("dequantized", "original")
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")  # peft types that learn inputs, not weight deltas
 
 
 def merge_adapter(run_dir: Path, out_dir: Path, dtype: str = "fp32", base: str = "dequantized") -> Path:
@@ -51,6 +52,10 @@ def cmd_export(argv: list[str]) -> int:
                         f"complete HF model there")
     if not args.merge:
         raise UserError("export: pass --merge to write the adapter merged into its base")
+    peft_type = json.loads((run_dir / "adapter_config.json").read_text()).get("peft_type", "")
+    if peft_type in PROMPT_LEARNING:
+        raise UserError(f"export: {run_dir} holds a {peft_type.lower()} adapter: it adds virtual tokens to the input "
+                        f"and has no weights to merge; load it with PeftModel.from_pretrained(base, '{run_dir}')")
     out = Path(args.out) if args.out else run_dir / "merged"
     if out.exists():
         raise UserError(f"export: {out} already exists; remove it or pass --out elsewhere")

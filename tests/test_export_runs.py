@@ -106,6 +106,13 @@ def test_export_refuses_what_it_cannot_merge(runs, tmp_path, capsys):
     assert "holds no adapter" in capsys.readouterr().err
     assert run_inprocess("export", str(runs / "lora_tiny")) == 2
     assert "pass --merge" in capsys.readouterr().err
+    prompt = tmp_path / "prompt"
+    prompt.mkdir()
+    (prompt / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM"}))
+    assert run_inprocess("export", str(prompt), "--merge") == 2
+    err = capsys.readouterr().err
+    assert "prompt_tuning adapter" in err and "no weights to merge" in err and err.count("\n") == 1
+    assert not (prompt / "merged").exists()
 
 
 def test_runs_lists_status_step_and_score(runs, capsys):
