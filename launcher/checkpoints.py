@@ -4,7 +4,7 @@ The HF Trainer writes `checkpoint-N/` in place (weights, optimizer / ZeRO shards
 trainer_state.json) and then rotates old ones. A kill at any moment of that leaves a directory that *looks* like a
 checkpoint. So completeness is explicit here:
 
-* `CheckpointCommitter.on_save` runs after HF has written everything: all ranks meet at a barrier (every rank's ZeRO
+* `CheckpointCommitter.on_save` (recipes/callbacks.py) runs after HF has written everything: all ranks meet at a barrier (every rank's ZeRO
   shard is on disk), then rank 0 fsyncs the files and writes + fsyncs `checkpoint-N/.ftlaunch-complete`.
 * Only then are old checkpoints rotated (by us, not by HF: `save_total_limit` is taken over so HF never deletes the
   previous checkpoint before the new one is marked). A checkpoint is deleted marker-first, so one half-deleted by a
@@ -21,9 +21,6 @@ import shutil
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-from launcher.preempt import barrier
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MARKER = ".ftlaunch-complete"
@@ -157,54 +154,5 @@ def check_resumable(path: Path, world_size: int, deepspeed: bool) -> None:
             f"with the same launcher and rank count, or start afresh in a new output_dir (or --resume never)")
 
 
-class CheckpointCommitter(TrainerCallback):
-    """Marks each checkpoint complete once every rank has written it, then rotates (see the module docstring).
-
-    Takes over `save_total_limit` from the HF Trainer: HF rotates *before* any callback sees the save, which with
-    `save_total_limit=1` deletes the previous checkpoint before the new one is known complete."""
-
-    def __init__(self, keep: int | None = None):
-        self.keep = keep
-        self.committed: list[int] = []
-
-    def take_over_rotation(self, args) -> None:
-        if self.keep is None:
-            self.keep = args.save_total_limit
-        args.save_total_limit = None
-
-    def on_init_end(self, args, state, control, **kwargs):
-        self.take_over_rotation(args)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.take_over_rotation(args)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # A checkpoint-N left from an earlier run (`--resume never`) is rewritten in place: unmark it first.
-        if control.should_save and state.is_world_process_zero:
-            unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        barrier()  # every rank's shard is written
-        if state.is_world_process_zero and path.is_dir():
-            mark_complete(path, {"world_size": args.world_size, "deepspeed": bool(args.deepspeed)})
-            self.committed.append(state.global_step)
-            rotate(Path(args.output_dir), self.keep, protect=(state.best_model_checkpoint,))
-        barrier()
-        return control
-
-
 class AlreadyTrained(Exception):
     """Resumed from a checkpoint at max_steps: nothing is left to train."""
-
-
-class StopAtFinalCheckpoint(TrainerCallback):
-    """HF's loop takes one optimizer step before it compares the step count with max_steps, so a run resumed from
-    its final checkpoint (killed after saving it, before it finished) would train one step too many. By
-    `on_train_begin` the checkpoint's weights, optimizer and step are loaded: stop there, on every rank alike."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.max_steps > 0 and state.global_step >= state.max_steps:
-            raise AlreadyTrained(state.global_step)
-        return control

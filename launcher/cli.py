@@ -36,10 +36,13 @@ COMMANDS = {
 
 
 def cmd_recipes(argv: list[str]) -> int:
+    import argparse
+
     import yaml
 
     from launcher.config import available_recipes
 
+    argparse.ArgumentParser(prog="ftlaunch recipes", description="list the shipped recipes").parse_args(argv)
     rows = []
     for name, path in available_recipes().items():
         data = yaml.safe_load(path.read_text()) or {}

@@ -1,4 +1,10 @@
-"""Errors that map to the exit codes of the shared contract (DESIGN.md)."""
+"""Errors that map to the exit codes of the shared contract (DESIGN.md), and the exit codes a run ends with.
+
+No imports beyond the standard library: `ftlaunch slurm`, `runs` and `plan` read these without loading torch."""
+
+# What a process killed by SIGTERM reports (128 + 15). The sbatch scripts (launcher/slurm.py) requeue on it; the
+# runner returns it after a preemption checkpoint.
+PREEMPTED_EXIT_CODE = 143
 
 
 def _one_line(message) -> str:

@@ -18,10 +18,6 @@ import threading
 
 from transformers import TrainerCallback
 
-# What a process killed by SIGTERM reports (128 + 15). The sbatch scripts (launcher/slurm.py) requeue on it; the
-# runner returns it after a preemption checkpoint.
-PREEMPTED_EXIT_CODE = 143
-
 # Signals whose default action kills the process; after training a late warning must not kill a rank that is still
 # writing the final model, so these are left ignored rather than restored to SIG_DFL.
 _WARNING_SIGNALS = {signal.SIGUSR1, signal.SIGUSR2}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from launcher.checkpoints import newest_complete_checkpoint
@@ -48,8 +49,10 @@ def cmd_runs(argv: list[str]) -> int:
 
     table = Table(title=f"runs under {args.dir}")
     for column in ("recipe", "method", "status", "step", "best", "updated", "path"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # wrap, never cut a path or score to "…" on a narrow terminal
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("recipe", "method", "status", "step", "best", "updated", "path")))
-    Console().print(table)
+        shown = dict(row, updated=str(row["updated"] or "-")[:16].replace("T", " "))  # minutes are enough here
+        table.add_row(*(str(shown[c]) for c in ("recipe", "method", "status", "step", "best", "updated", "path")))
+    # Piped output (grep, a file) gets full-width rows instead of rich's 80-column default.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
     return 0

@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
-from launcher.errors import UserError
-from launcher.preempt import PREEMPTED_EXIT_CODE
+from launcher.errors import PREEMPTED_EXIT_CODE, UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = "slurm/%x-%j.out"

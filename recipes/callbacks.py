@@ -1,11 +1,16 @@
-"""Trainer callbacks every recipe gets: a health guard (NaN/inf, exploding gradients) and a one-line progress log."""
+"""Trainer callbacks every recipe gets: a health guard (NaN/inf, exploding gradients), a one-line progress log, and the
+checkpoint committer and final-step stop that make checkpoints safe to resume from (launcher/checkpoints.py)."""
 from __future__ import annotations
 
 import math
 import sys
 import time
+from pathlib import Path
 
 from transformers import TrainerCallback
+
+from launcher.checkpoints import AlreadyTrained, mark_complete, newest_complete_checkpoint, rotate, unmark
+from launcher.preempt import barrier
 
 
 class HealthGuard(TrainerCallback):
@@ -47,8 +52,6 @@ class HealthGuard(TrainerCallback):
             return control
         problem = self.check(logs or {})
         if problem:
-            from launcher.checkpoints import newest_complete_checkpoint
-
             last = newest_complete_checkpoint(args.output_dir)
             kept = f"the last good checkpoint {last.name} is kept" if last else "no checkpoint was saved before it"
             self.stop_reason = (f"training diverged at step {state.global_step}: {problem}; {kept} (lower "
@@ -115,3 +118,52 @@ def _gpu_memory() -> str | None:
     if not torch.cuda.is_available():
         return None
     return f"gpu mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+
+
+class CheckpointCommitter(TrainerCallback):
+    """Marks each checkpoint complete once every rank has written it, then rotates (see the module docstring).
+
+    Takes over `save_total_limit` from the HF Trainer: HF rotates *before* any callback sees the save, which with
+    `save_total_limit=1` deletes the previous checkpoint before the new one is known complete."""
+
+    def __init__(self, keep: int | None = None):
+        self.keep = keep
+        self.committed: list[int] = []
+
+    def take_over_rotation(self, args) -> None:
+        if self.keep is None:
+            self.keep = args.save_total_limit
+        args.save_total_limit = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self.take_over_rotation(args)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.take_over_rotation(args)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A checkpoint-N left from an earlier run (`--resume never`) is rewritten in place: unmark it first.
+        if control.should_save and state.is_world_process_zero:
+            unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        barrier()  # every rank's shard is written
+        if state.is_world_process_zero and path.is_dir():
+            mark_complete(path, {"world_size": args.world_size, "deepspeed": bool(args.deepspeed)})
+            self.committed.append(state.global_step)
+            rotate(Path(args.output_dir), self.keep, protect=(state.best_model_checkpoint,))
+        barrier()
+        return control
+
+
+class StopAtFinalCheckpoint(TrainerCallback):
+    """HF's loop takes one optimizer step before it compares the step count with max_steps, so a run resumed from
+    its final checkpoint (killed after saving it, before it finished) would train one step too many. By
+    `on_train_begin` the checkpoint's weights, optimizer and step are loaded: stop there, on every rank alike."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise AlreadyTrained(state.global_step)
+        return control

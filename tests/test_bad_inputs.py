@@ -106,6 +106,8 @@ BAD_RUNS = [
      ["training.per_device_train_batch_size: set by plan.micro_batch_size"]),
     ("bad_format_name", "lora_tiny", ["data.format=jsonl"], None, ["data.format: 'jsonl' is not one of"]),
     ("missing_model_path", "lora_tiny", ["model.name=/nonexistent"], None, ["'/nonexistent'", "config.json"]),
+    ("hub_model_not_reachable", "qlora_7b", ["data.source=synthetic:arith"], None,
+     ["model.name: cannot load 'meta-llama/Llama-2-7b-hf'", "HF_HUB_OFFLINE=1"]),
     ("qlora_full_finetune", "qlora_tiny", ["peft.method=none"], None, ["QLoRA trains adapters only"]),
     ("ppo_without_reward_model", "ppo_tiny", ["ppo.reward_model=null"], None, ["ppo.reward_model"]),
     ("micro_batch_not_dividing", "lora_tiny", ["plan.micro_batch_size=5"], None, ["plan.micro_batch_size=5"]),

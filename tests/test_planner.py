@@ -398,6 +398,19 @@ def test_cmd_plan_is_fast_and_torch_free():
     assert elapsed < 1.0
 
 
+def test_listing_and_rendering_commands_do_not_load_torch(tmp_path):
+    """`ftlaunch slurm`, `runs` and `recipes` answer in a fraction of a second: importing torch/transformers (and
+    through peft, bitsandbytes) would cost ~8 s here and print bitsandbytes' CPU-kernel notice."""
+    code = ("import sys; from launcher.cli import main; "
+            "rcs = [main(['slurm', '--recipe', 'qlora_7b', '--nodes', '2', '--gpus-per-node', '4']), "
+            f"main(['runs', {str(tmp_path)!r}]), main(['recipes'])]; "
+            "assert rcs == [0, 0, 0], rcs; "
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules); "
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_cmd_plan_exit_codes(capsys):
     from launcher.plan_cmd import cmd_inventory, cmd_plan
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from launcher.preempt import PREEMPTED_EXIT_CODE, PreemptionCallback, any_rank
+from launcher.errors import PREEMPTED_EXIT_CODE
+from launcher.preempt import PreemptionCallback, any_rank
 
 
 class TinyRegressor(nn.Module):

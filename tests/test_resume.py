@@ -23,6 +23,7 @@ import pytest
 
 from conftest import REPO, manifest, run_inprocess
 from launcher import checkpoints as ck
+from recipes.callbacks import CheckpointCommitter
 
 
 def _bench():
@@ -92,7 +93,7 @@ def test_committer_takes_over_rotation_from_hf(tmp_path):
     """HF rotates inside _save_checkpoint, before any callback: with save_total_limit=1 it would delete the previous
     checkpoint before the new one is marked. The committer disables that and rotates after marking."""
     args = SimpleNamespace(save_total_limit=1, output_dir=str(tmp_path), world_size=1, deepspeed=None)
-    committer = ck.CheckpointCommitter()
+    committer = CheckpointCommitter()
     committer.take_over_rotation(args)
     assert args.save_total_limit is None and committer.keep == 1
     fake_checkpoint(tmp_path, 1)
@@ -109,7 +110,7 @@ def test_stale_marker_is_removed_before_rewrite(tmp_path):
     fake_checkpoint(tmp_path, 4)
     args = SimpleNamespace(output_dir=str(tmp_path))
     state = SimpleNamespace(global_step=4, is_world_process_zero=True)
-    ck.CheckpointCommitter(keep=2).on_step_end(args, state, SimpleNamespace(should_save=True))
+    CheckpointCommitter(keep=2).on_step_end(args, state, SimpleNamespace(should_save=True))
     assert not ck.is_complete(tmp_path / "checkpoint-4")
 
 
