@@ -107,6 +107,23 @@ def join_process_group(ctx: RunContext) -> None:
     import deepspeed
 
     deepspeed.init_distributed()
+    release_cpu_allreduce_buffer(ctx.env.rank)
+
+
+def release_cpu_allreduce_buffer(rank: int, shm_dir: Path = Path("/dev/shm")) -> None:
+    """DeepSpeed's CPU backend creates one 64 MiB /dev/shm segment per rank for its shared-memory all-reduce
+    (deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>) and never unlinks it: every CPU run left
+    2 x 67 MB of RAM behind in /dev/shm, until the machine ran short. Its initialisation returns only once this
+    rank has mapped every other rank's segment, so after a barrier no one needs the names: each rank unlinks its
+    own (the mappings stay valid until the process exits, however it exits)."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    if not (shm_dir / name).exists():
+        return  # not a CPU run, or not all ranks on one node (DeepSpeed then uses no shm)
+    from launcher.preempt import barrier
+
+    barrier()
+    (shm_dir / name).unlink(missing_ok=True)
 
 
 def evaluate(evaluator, when: str):

@@ -88,9 +88,12 @@ def test_two_rank_deepspeed_zero(recipe, stage, tmp_path):
     """The real `deepspeed --num_gpus 2` launcher: 2 CPU ranks with gloo, ZeRO-2 and ZeRO-3 through HF/TRL."""
     out = tmp_path / "out"
     ds_dir = tmp_path / "ds_configs"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     result = run_cli("--recipe", recipe, f"output_dir={out}", f"plan.zero_stage={stage}", "training.max_steps=4",
                      *FAST, launcher=deepspeed_cmd(2), env={"FTLAUNCH_DS_CONFIG_DIR": str(ds_dir)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    left = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
+    assert not left, f"DeepSpeed's CPU all-reduce segments left in /dev/shm (RAM): {sorted(p.name for p in left)}"
     m = manifest(out)
     assert m["status"] == "finished" and m["metrics"]["world_size"] == 2, "both ranks must be in one trainer"
     ds = json.loads((out / "ds_config.json").read_text())
