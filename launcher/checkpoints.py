@@ -49,10 +49,6 @@ def newest_complete_checkpoint(output_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def incomplete_checkpoints(output_dir: Path) -> list[Path]:
-    return [p for p in checkpoints(Path(output_dir)) if not is_complete(p)]
-
-
 def _fsync_path(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -100,11 +96,13 @@ def delete_checkpoint(path: Path) -> None:
 def rotate(output_dir: Path, keep: int | None, protect: tuple = ()) -> list[Path]:
     """Keep the newest `keep` complete checkpoints (and `protect`); drop older ones and every incomplete one."""
     protected = {Path(p).resolve() for p in protect if p}
-    complete = [p for p in checkpoints(output_dir) if is_complete(p)]
-    doomed = [p for p in incomplete_checkpoints(output_dir)]
+    found = checkpoints(output_dir)
+    complete = [p for p in found if is_complete(p)]
+    doomed = [p for p in found if p not in complete]
     if keep is not None and keep > 0:
         doomed += complete[:-keep]
-    doomed = [p for p in doomed if p.resolve() not in protected and (not complete or p != complete[-1])]
+    protected.update(p.resolve() for p in complete[-1:])  # the last good one stays, whatever `keep` says
+    doomed = [p for p in doomed if p.resolve() not in protected]
     for p in doomed:
         delete_checkpoint(p)
     return doomed
@@ -112,9 +110,9 @@ def rotate(output_dir: Path, keep: int | None, protect: tuple = ()) -> list[Path
 
 def prepare_resume(output_dir: Path, is_main: bool) -> tuple[Path | None, list[Path]]:
     """The checkpoint `--resume auto` continues from, and the incomplete ones it skips (rank 0 removes those)."""
-    output_dir = Path(output_dir)
-    chosen = newest_complete_checkpoint(output_dir)
-    skipped = incomplete_checkpoints(output_dir)
+    found = checkpoints(Path(output_dir))
+    complete = [p for p in found if is_complete(p)]
+    chosen, skipped = (complete[-1] if complete else None), [p for p in found if p not in complete]
     if is_main:
         for p in skipped:
             shutil.rmtree(p, ignore_errors=True)

@@ -7,30 +7,25 @@ No imports beyond the standard library: `ftlaunch slurm`, `runs` and `plan` read
 PREEMPTED_EXIT_CODE = 143
 
 
-def _one_line(message) -> str:
-    # Messages quote what the user typed (keys, values, file rows), which may hold line breaks: show them escaped,
-    # so the contract "one line" holds whatever the input.
-    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+class _OneLineError(Exception):
+    def __init__(self, message=""):
+        # Messages quote what the user typed (keys, values, file rows), which may hold line breaks: show them
+        # escaped, so the contract "one line" holds whatever the input.
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
-class UserError(Exception):
+class UserError(_OneLineError):
     """Bad input (config, data, arguments): exit 2 with a one-line message, no traceback."""
 
     exit_code = 2
     label = "error"
 
-    def __init__(self, message=""):
-        super().__init__(_one_line(message))
 
-
-class PlanDoesNotFit(Exception):
+class PlanDoesNotFit(_OneLineError):
     """The plan does not fit the hardware: exit 3; the message says by how much and what would."""
 
     exit_code = 3
     label = "does not fit"
-
-    def __init__(self, message=""):
-        super().__init__(_one_line(message))
 
 
 class PreflightError(RuntimeError):

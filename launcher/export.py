@@ -52,7 +52,8 @@ def cmd_export(argv: list[str]) -> int:
                         f"complete HF model there")
     if not args.merge:
         raise UserError("export: pass --merge to write the adapter merged into its base")
-    peft_type = json.loads((run_dir / "adapter_config.json").read_text()).get("peft_type", "")
+    adapter_cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    peft_type = adapter_cfg.get("peft_type", "")
     if peft_type in PROMPT_LEARNING:
         raise UserError(f"export: {run_dir} holds a {peft_type.lower()} adapter: it adds virtual tokens to the input "
                         f"and has no weights to merge; load it with PeftModel.from_pretrained(base, '{run_dir}')")
@@ -63,7 +64,6 @@ def cmd_export(argv: list[str]) -> int:
 
     merge_adapter(run_dir, out, args.dtype, args.base)
     how = " (dequantised 4-bit base)" if args.base == "dequantized" and trained_in_4bit(run_dir) else ""
-    task = json.loads((run_dir / "adapter_config.json").read_text()).get("task_type")
-    auto = "AutoModelForSequenceClassification" if task == "SEQ_CLS" else "AutoModelForCausalLM"
+    auto = "AutoModelForSequenceClassification" if adapter_cfg.get("task_type") == "SEQ_CLS" else "AutoModelForCausalLM"
     print(f"ftlaunch: merged model written to {out} ({args.dtype}{how}); load it with {auto}.from_pretrained('{out}')")
     return 0

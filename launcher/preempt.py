@@ -114,9 +114,8 @@ class PreemptionCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        # Rank 0 writes trainer_state.json (what marks a checkpoint complete) after the others have returned from
-        # the collective save: no rank may exit -- and get its node's ranks killed by srun/torchrun for exiting
-        # non-zero -- before the preemption checkpoint is complete.
+        # No rank may exit -- and get its node's ranks killed by srun/torchrun for exiting non-zero -- before the
+        # preemption checkpoint is complete on every rank.
         if self.preempted:
             barrier()
         return control

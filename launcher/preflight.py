@@ -4,7 +4,7 @@
     srun --ntasks-per-node=1 ftlaunch check --recipe R     # every node: host checks + all-reduce across nodes
     torchrun ... / deepspeed ... launcher/run.py ...       # the runner calls at_start() on every rank
 
-`preflight(world_size, timeout_s)` runs on every rank: it all-reduces one tensor over torch.distributed with a
+`preflight(timeout_s)` runs on every rank: it all-reduces one tensor over torch.distributed with a
 timeout (a gloo group, so it works beside NCCL) and names the node that did not answer; rank 0 of each node checks
 /dev/shm and host RAM against ranks-per-node x the bytes each rank loads at once (a known cause of host OOM).
 Problems that make a run clearly impossible are errors; everything else is a warning.
@@ -21,9 +21,12 @@ from datetime import timedelta
 from typing import Mapping, Optional
 
 from launcher.errors import PreflightError, UserError
+from launcher.inventory import _local_world_size
 
 GiB = 1024 ** 3
 MIN_SHM_BYTES = 1 * GiB  # NCCL and DataLoader workers share memory through /dev/shm; Docker's default is 64 MiB
+SINGLE_PROCESS = ("single process: nothing to all-reduce (run under srun/torchrun/deepspeed to check the connections "
+                  "between ranks)")
 PREFLIGHT_PORT_OFFSET = 1  # `ftlaunch check` under srun: the training job's port + 1, so both never collide
 
 
@@ -158,8 +161,7 @@ def check_allreduce(timeout_s: float = 60.0, env: Mapping[str, str] = os.environ
         group = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
     else:
         if world == 1:
-            report.notes.append("single process: nothing to all-reduce (run under srun/torchrun/deepspeed to check "
-                                "the connections between ranks)")
+            report.notes.append(SINGLE_PROCESS)
             return report
         if not addr or not port:
             report.errors.append("WORLD_SIZE is set but MASTER_ADDR/MASTER_PORT are not: cannot rendezvous")
@@ -233,33 +235,19 @@ def _wait_keys(store, world: int, timeout_s: float) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- entry points
-def preflight(world_size: Optional[int] = None, timeout_s: float = 60.0, *, ranks_per_node: Optional[int] = None,
-              load_bytes_per_rank: Optional[int] = None, env: Mapping[str, str] = os.environ,
-              raise_on_error: bool = True, quiet: bool = False) -> PreflightReport:
-    """Run at start on every rank: all-reduce with a timeout, then host checks on each node's first rank.
-
-    Warnings are printed (by each node's first rank); errors raise PreflightError (or are returned with
-    raise_on_error=False).
-    """
+def preflight(timeout_s: float = 60.0, *, ranks_per_node: Optional[int] = None,
+              load_bytes_per_rank: Optional[int] = None, env: Mapping[str, str] = os.environ) -> PreflightReport:
+    """`ftlaunch check` on every rank: all-reduce with a timeout (a note when there is one process), then host
+    checks on each node's first rank. The report carries errors and warnings; the caller prints them."""
     rank, world, local, _addr, _port = dist_env(env)
-    if world_size is not None and world_size != world and world > 1:
-        raise PreflightError(f"expected {world_size} ranks but the launcher started {world}")
-    report = PreflightReport(rank=rank, world_size=world_size or world)
-    if (world_size or world) > 1:
+    report = PreflightReport(rank=rank, world_size=world)
+    if world > 1:
         check_allreduce(timeout_s, env=env, report=report)
-    else:
-        report.notes.append("single process: nothing to all-reduce (run under srun/torchrun/deepspeed to check "
-                            "the connections between ranks)")
+    else:  # without importing torch
+        report.notes.append(SINGLE_PROCESS)
     if local == 0:
-        per_node = ranks_per_node or int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
+        per_node = ranks_per_node or int(_local_world_size(env) or 1)
         check_host(per_node, load_bytes_per_rank, report)
-    if not quiet and (local == 0 or report.errors):
-        for line in report.lines():
-            if line and (report.errors or "warning" in line or rank == 0):
-                print(f"ftlaunch check: {line}", file=sys.stderr if (report.errors or "warning" in line) else sys.stdout,
-                      flush=True)
-    if report.errors and raise_on_error:
-        raise PreflightError("; ".join(report.errors))
     return report
 
 
@@ -319,29 +307,19 @@ def cmd_check(argv: list[str]) -> int:
     if args.timeout <= 0:
         raise UserError("--timeout must be positive")
     per_node = args.ranks_per_node
-    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    local = _local_world_size(os.environ)
     if per_node is None:
-        from launcher.inventory import slurm_gpus_per_node
+        from launcher.inventory import probe_gpus, slurm_gpus_per_node
 
-        per_node = int(local) if local else (slurm_gpus_per_node(os.environ) or _visible_gpus() or 1)
+        per_node = int(local) if local else (slurm_gpus_per_node(os.environ) or len(probe_gpus()) or 1)
     load = _model_load_bytes(args.recipe, args.config, args.overrides)
-    report = preflight(None, args.timeout, ranks_per_node=per_node, load_bytes_per_rank=load, raise_on_error=False,
-                       quiet=True)
+    report = preflight(args.timeout, ranks_per_node=per_node, load_bytes_per_rank=load)
     for line in report.lines():
         print(f"ftlaunch check: {line}", file=sys.stderr if ("error:" in line or "warning:" in line) else sys.stdout)
     if report.ok:
         print(f"ftlaunch check: ok{' (with warnings)' if report.warnings else ''}")
         return 0
     return 1
-
-
-def _visible_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        return 0
 
 
 if __name__ == "__main__":

@@ -88,8 +88,7 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
                   cpus_per_task: Optional[int] = None, mem: Optional[str] = None, account: Optional[str] = None,
                   constraint: Optional[str] = None, exclusive: Optional[bool] = None,
                   signal_seconds: Optional[int] = None, max_requeues: int = DEFAULT_MAX_REQUEUES,
-                  workdir: Optional[str] = "auto", python: Optional[str] = None, validate: bool = True,
-                  command: Optional[str] = None) -> str:
+                  workdir: Optional[str] = "auto", python: Optional[str] = None, validate: bool = True) -> str:
     """The text of an sbatch script that trains `recipe` on `nodes` x `gpus_per_node` GPUs.
 
     gpus_per_node=0 runs one CPU rank per node (gloo; CPU clusters and the tests). `workdir="auto"` pins the job's
@@ -144,12 +143,11 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
     what = f"{nodes} node(s) x {gpus} GPU(s)" if gpus else f"{nodes} node(s) x 1 CPU rank"
     shown_python = python
     python = python or sys.executable
-    if command is None:
-        cli = _cli_args(recipe, config, nodes, gpus, time, partition, output, [])
-        cli += ["--no-chdir"] if workdir is None else []
-        cli += ["--python", shown_python] if shown_python else []
-        cli += ["--", *overrides] if overrides else []
-        command = "ftlaunch slurm " + " ".join(shlex.quote(a) for a in cli)
+    cli = _cli_args(recipe, config, nodes, gpus, time, partition, output)
+    cli += ["--no-chdir"] if workdir is None else []
+    cli += ["--python", shown_python] if shown_python else []
+    cli += ["--", *overrides] if overrides else []
+    command = "ftlaunch slurm " + " ".join(shlex.quote(a) for a in cli)
 
     sb = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus_per_task}"]
     if gpus:
@@ -257,15 +255,13 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
     return "\n".join(lines)
 
 
-def _cli_args(recipe, config, nodes, gpus, time, partition, output, overrides) -> list[str]:
+def _cli_args(recipe, config, nodes, gpus, time, partition, output) -> list[str]:
     args = ["--recipe", recipe] if recipe else ["--config", config]
     args += ["--nodes", str(nodes), "--gpus-per-node", str(gpus), "--time", time]
     if partition:
         args += ["--partition", partition]
     if output != DEFAULT_OUTPUT:
         args += ["--output", output]
-    if overrides:
-        args += ["--", *overrides]
     return args
 
 

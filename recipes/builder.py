@@ -130,13 +130,20 @@ def load_model(cfg, plan, path: str, auto_class=None, **kwargs):
     quant = quantization_config(cfg, plan)
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     with loading("model.name", cfg.model.name):
-        model = auto_class.from_pretrained(path, dtype=torch_dtype(cfg, plan), quantization_config=quant,
-                                           trust_remote_code=cfg.model.trust_remote_code, **extra, **kwargs)
+        model = from_pretrained(auto_class, path, quant, dtype=torch_dtype(cfg, plan),
+                                trust_remote_code=cfg.model.trust_remote_code, **extra, **kwargs)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        same_4bit_kernels(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
+    return model
+
+
+def from_pretrained(auto_class, path: str, quant=None, **kwargs):
+    """`auto_class.from_pretrained`; a 4-bit model (`quant` given) gets its layers kept on one code path."""
+    model = auto_class.from_pretrained(path, quantization_config=quant, **kwargs)
+    if quant is not None:
+        same_4bit_kernels(model)
     return model
 
 
@@ -197,11 +204,8 @@ def load_for_eval(cfg, plan, path: str, output_dir, when: str, auto_class=None):
     auto_class = auto_class or AutoModelForCausalLM
     if when == "after" and not (Path(output_dir) / "adapter_config.json").exists():
         return auto_class.from_pretrained(output_dir, dtype=torch_dtype(cfg, plan)), load_tokenizer(cfg, str(output_dir))
-    quant = quantization_config(cfg, plan)
-    model = auto_class.from_pretrained(path, dtype=torch_dtype(cfg, plan), quantization_config=quant,
-                                       trust_remote_code=cfg.model.trust_remote_code)
-    if quant is not None:
-        same_4bit_kernels(model)
+    model = from_pretrained(auto_class, path, quantization_config(cfg, plan), dtype=torch_dtype(cfg, plan),
+                            trust_remote_code=cfg.model.trust_remote_code)
     if when == "after":
         from peft import PeftModel
 
@@ -263,13 +267,10 @@ def merge_adapter(adapter_dir, dtype=None, base: str = "dequantized", auto_class
             kwargs.setdefault("num_labels", labels)
     auto_class = auto_class or AutoModelForCausalLM
     quant = trained_in_4bit(adapter_dir) if base == "dequantized" else None
-    if quant is None:
-        model = auto_class.from_pretrained(base_path, **kwargs)
-    else:
-        compute = dtype or torch.float32
-        config = bnb_4bit_config(quant.get("quant_type", "nf4"), quant.get("double_quant", True), compute)
-        model = auto_class.from_pretrained(base_path, quantization_config=config, **kwargs)
-        same_4bit_kernels(model)
+    compute = dtype or torch.float32
+    config = bnb_4bit_config(quant.get("quant_type", "nf4"), quant.get("double_quant", True), compute) if quant else None
+    model = from_pretrained(auto_class, base_path, config, **kwargs)
+    if config is not None:
         model = model.dequantize(dtype=compute)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
@@ -286,3 +287,31 @@ def save_merged(model, tokenizer_dir: str, out_dir) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def is_adapter_dir(path) -> bool:
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def merged_dir(adapter_dir, auto_class=None, **load_kwargs) -> Path:
+    """A full-model copy of `adapter_dir` (base + adapter, merged), made once and cached next to the tiny models.
+
+    PPO needs plain models (its reward/value code calls `model.score` on the backbone; the policy gets a fresh
+    adapter), so adapter outputs of earlier stages (SFT LoRA/QLoRA, RM LoRA) are merged before use, the way
+    `ftlaunch export --merge` merges them (QLoRA into its dequantised base).
+    """
+    adapter_dir = Path(adapter_dir).resolve()
+    # "v": how merging is done (2: QLoRA adapters into their dequantised base); a change must not reuse old copies
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(adapter_dir.iterdir()) if p.is_file()]
+    key = hashlib.sha256(json.dumps({"d": str(adapter_dir), "f": stamp, "k": sorted(map(str, load_kwargs.items())),
+                                     "c": getattr(auto_class, "__name__", None), "v": 2}).encode()).hexdigest()
+    final = cache_dir() / "merged" / f"{adapter_dir.name}-{key[:16]}"
+    if (final / "config.json").is_file():
+        return final
+    model, tokenizer_dir = merge_adapter(adapter_dir, auto_class=auto_class, **load_kwargs)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=final.parent))
+    save_merged(model, tokenizer_dir, tmp)
+    _publish_dir(tmp, final)
+    return final

@@ -128,15 +128,11 @@ class CheckpointCommitter(TrainerCallback):
 
     def __init__(self, keep: int | None = None):
         self.keep = keep
-        self.committed: list[int] = []
 
     def take_over_rotation(self, args) -> None:
         if self.keep is None:
             self.keep = args.save_total_limit
         args.save_total_limit = None
-
-    def on_init_end(self, args, state, control, **kwargs):
-        self.take_over_rotation(args)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.take_over_rotation(args)
@@ -152,7 +148,6 @@ class CheckpointCommitter(TrainerCallback):
         barrier()  # every rank's shard is written
         if state.is_world_process_zero and path.is_dir():
             mark_complete(path, {"world_size": args.world_size, "deepspeed": bool(args.deepspeed)})
-            self.committed.append(state.global_step)
             rotate(Path(args.output_dir), self.keep, protect=(state.best_model_checkpoint,))
         barrier()
         return control

@@ -190,22 +190,12 @@ def classification_evaluator(ctx, rows, base_path: str, tokenizer, num_labels: i
     def evaluate(when: str) -> dict:
         import numpy as np
         import torch
-        from transformers import AutoModelForSequenceClassification
 
         from recipes import rewards
 
-        kwargs = dict(num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, dtype=builder.torch_dtype(cfg, plan))
-        out = str(ctx.output_dir)
-        if when == "before":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                model = AutoModelForSequenceClassification.from_pretrained(base_path, **kwargs)
-        elif rewards.is_adapter_dir(out):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                rewards.merged_dir(out, AutoModelForSequenceClassification, num_labels=num_labels), **kwargs)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(out, **kwargs)
-        model.eval()
+        model = rewards.load_scorer_model(base_path if when == "before" else str(ctx.output_dir),
+                                          dtype=builder.torch_dtype(cfg, plan), pad_token_id=tokenizer.pad_token_id,
+                                          num_labels=num_labels, seed=cfg.seed if when == "before" else None)
         preds = []
         side, tokenizer.padding_side = tokenizer.padding_side, "right"
         try:

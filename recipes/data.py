@@ -117,6 +117,19 @@ def _read_source(source: str, data_cfg, kind: str, seed: int, for_eval: bool) ->
     return RawSource(name=source, parts=parts)
 
 
+def synthetic_counts(data_cfg, for_eval: bool) -> tuple[int, int]:
+    """(train rows, held-out rows) a generated source makes: `data.num_examples` split by `data.eval_ratio`; all of
+    them for training when a separate `data.eval_source` exists; only the held-out share when it is that source."""
+    n = int(getattr(data_cfg, "num_examples", 2000))
+    ratio = float(getattr(data_cfg, "eval_ratio", 0.1) or 0.0)
+    if for_eval:
+        return 0, max(1, round(n * ratio))
+    if getattr(data_cfg, "eval_source", None):
+        return n, 0
+    n_eval = round(n * ratio)
+    return n - n_eval, n_eval
+
+
 def _read_synthetic(source: str, data_cfg, kind: str, seed: int, for_eval: bool) -> RawSource:
     from recipes import synthetic
 
@@ -140,13 +153,7 @@ def _read_synthetic(source: str, data_cfg, kind: str, seed: int, for_eval: bool)
     except ValueError:
         raise UserError(f"{source}: bad synthetic option; e.g. ?max_operand=99&positive_fraction=0.3"
                         f"&order=natural&noise=0.5&rejected=mixed") from None
-    n = int(getattr(data_cfg, "num_examples", 2000))
-    ratio = float(getattr(data_cfg, "eval_ratio", 0.1) or 0.0)
-    if for_eval or getattr(data_cfg, "eval_source", None):
-        n_train, n_eval = (0, max(1, round(n * ratio))) if for_eval else (n, 0)
-    else:
-        n_eval = round(n * ratio)
-        n_train = n - n_eval
+    n_train, n_eval = synthetic_counts(data_cfg, for_eval)
     train_rows, eval_rows = synthetic.make_split(spec, n_train, n_eval, seed, max_operand=max_operand, order=order)
     if for_eval:
         train_rows, eval_rows = eval_rows, []

@@ -19,8 +19,7 @@ def build(ctx):
     section = cfg.section("dpo")
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
-    method_defaults = dict(max_length=cfg.data.max_length, eval_strategy="no", dataset_num_proc=None,
-                           beta=float(section.get("beta", 0.1)))
+    method_defaults = dict(max_length=cfg.data.max_length, beta=float(section.get("beta", 0.1)))
     if section.get("loss_type"):
         loss = section["loss_type"]
         method_defaults["loss_type"] = loss if isinstance(loss, list) else [loss]

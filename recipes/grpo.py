@@ -46,7 +46,7 @@ def build(ctx):
         max_completion_length=int(section.get("max_completion_length", cfg.eval.max_new_tokens)),
         beta=float(section.get("beta", 0.0)),
         temperature=float(section.get("temperature", 1.0)),
-        eval_strategy="no", log_completions=False,
+        log_completions=False,
     )
     for key in ("loss_type", "scale_rewards", "reward_weights"):
         if key in section:

@@ -36,8 +36,8 @@ def policy_path(cfg) -> str:
     """The policy's starting weights: `model.name` as the builder resolves it, or an adapter dir merged into its base
     (the SFT stage of a pipeline may have trained LoRA; PPO then puts a fresh adapter on the merged model)."""
     name = cfg.model.name
-    if rewards.is_adapter_dir(os.path.expanduser(name)):
-        return str(rewards.merged_dir(os.path.expanduser(name)))
+    if builder.is_adapter_dir(os.path.expanduser(name)):
+        return str(builder.merged_dir(os.path.expanduser(name)))
     return builder.model_path(cfg)
 
 
@@ -54,7 +54,7 @@ def scorer_paths(cfg) -> tuple[str, str]:
         raise UserError(f"ppo.value_model: expected a path or hub id, got {value!r}")
     resolved = []
     for field, name in (("ppo.reward_model", reward), ("ppo.value_model", value)):
-        if rewards.looks_like_path(name) or os.path.isdir(os.path.expanduser(name)):
+        if rewards.looks_like_path(name):
             resolved.append(rewards.full_model_dir(name, field, AutoModelForSequenceClassification, num_labels=1))
         else:
             resolved.append(name)  # a hub id: from_pretrained finds it in the local cache (offline) or fails there
@@ -148,7 +148,7 @@ def build(ctx):
         kl_coef=float(section.get("kl_coef", 0.05)),
         temperature=float(section.get("temperature", 0.7)),
         missing_eos_penalty=section.get("missing_eos_penalty", 1.0),
-        stop_token="eos", num_sample_generations=0, dataset_num_proc=None, eval_strategy="no",
+        stop_token="eos", num_sample_generations=0,
         local_rollout_forward_batch_size=int(section.get("local_rollout_forward_batch_size",
                                                          max(plan.micro_batch_size, 8))),
         learning_rate=1e-5,
@@ -180,11 +180,9 @@ def build(ctx):
     dtype = builder.torch_dtype(cfg, plan)
     scorers = []
     for field, p in (("ppo.reward_model", reward_path), ("ppo.value_model", value_path)):
-        try:
+        with builder.loading(field, p):
             m = AutoModelForSequenceClassification.from_pretrained(p, num_labels=1, dtype=dtype,
                                                                    pad_token_id=tokenizer.pad_token_id)
-        except OSError as e:
-            raise UserError(f"{field}: cannot load '{p}' ({str(e).splitlines()[0]})") from None
         m.config.pad_token_id = tokenizer.pad_token_id
         scorers.append(m)
     reward_model, value_model = scorers

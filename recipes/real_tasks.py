@@ -120,12 +120,12 @@ def sentiment_examples(n: int, seed: int, held_out: bool) -> list[dict]:
 
 def _chat_arith_view(kind: str, rows: list[dict]) -> list[dict]:
     if kind == "sft":
-        return [{"prompt": r["prompt"], "completion": r["answer"]} for r in rows]
+        return synthetic.sft_rows(rows)
     if kind == "preference":
         return [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": rejected_answer(r["a"], r["b"], i)}
                 for i, r in enumerate(rows)]
     if kind == "prompts":
-        return [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
+        return synthetic.prompt_rows(rows)
     raise UserError(f"synthetic:chat_arith has no '{kind}' view (it gives sft, preference, prompts); "
                     f"for classification use synthetic:sentiment or synthetic:arith")
 
@@ -183,18 +183,10 @@ def read_source(source: str, data_cfg, kind: str, seed: int, for_eval: bool):
     parsed = parse(source.strip())
     if parsed is None:
         return None
-    from recipes.data import RawSource
+    from recipes.data import RawSource, synthetic_counts
 
     spec, options = parsed
-    n = int(getattr(data_cfg, "num_examples", 2000))
-    ratio = float(getattr(data_cfg, "eval_ratio", 0.1) or 0.0)
-    if for_eval:
-        n_train, n_eval = 0, max(1, round(n * ratio))
-    elif getattr(data_cfg, "eval_source", None):
-        n_train, n_eval = n, 0
-    else:
-        n_eval = round(n * ratio)
-        n_train = n - n_eval
+    n_train, n_eval = synthetic_counts(data_cfg, for_eval)
     train, held = make_rows(spec, options, kind, n_train, n_eval, seed, source=source)
     if for_eval:
         train, held = held, []

@@ -9,15 +9,13 @@ Reward functions follow TRL's GRPO signature: `f(prompts, completions, **dataset
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from launcher.errors import UserError
 from recipes import synthetic
+from recipes.builder import is_adapter_dir, merged_dir
 
 
 def exact_reward(prompts, completions, answer=None, **kwargs) -> list[float]:
@@ -66,56 +64,32 @@ def check_model_dir(value: str, field: str) -> Path:
     return path
 
 
-# ---- model directories: full models, or adapters merged into their base -----------------------------------------
-
-def is_adapter_dir(path) -> bool:
-    path = Path(path)
-    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
-
-
-def merged_dir(adapter_dir, auto_class=None, **load_kwargs) -> Path:
-    """A full-model copy of `adapter_dir` (base + adapter, merged), made once and cached next to the tiny models.
-
-    PPO needs plain models (its reward/value code calls `model.score` on the backbone; the policy gets a fresh
-    adapter), so adapter outputs of earlier stages (SFT LoRA/QLoRA, RM LoRA) are merged before use, the way
-    `ftlaunch export --merge` merges them (QLoRA into its dequantised base).
-    """
-    from recipes.builder import _publish_dir, cache_dir, merge_adapter, save_merged
-
-    adapter_dir = Path(adapter_dir).resolve()
-    # "v": how merging is done (2: QLoRA adapters into their dequantised base); a change must not reuse old copies
-    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(adapter_dir.iterdir()) if p.is_file()]
-    key = hashlib.sha256(json.dumps({"d": str(adapter_dir), "f": stamp, "k": sorted(map(str, load_kwargs.items())),
-                                     "c": getattr(auto_class, "__name__", None), "v": 2}).encode()).hexdigest()
-    final = cache_dir() / "merged" / f"{adapter_dir.name}-{key[:16]}"
-    if (final / "config.json").is_file():
-        return final
-    model, tokenizer_dir = merge_adapter(adapter_dir, auto_class=auto_class, **load_kwargs)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=final.parent))
-    save_merged(model, tokenizer_dir, tmp)
-    _publish_dir(tmp, final)
-    return final
-
-
 def full_model_dir(value: str, field: str, auto_class=None, **load_kwargs) -> str:
     """Path of a full model for `value` (a model dir, or an adapter dir merged into its base)."""
     path = check_model_dir(value, field)
     return str(merged_dir(path, auto_class, **load_kwargs) if is_adapter_dir(path) else path)
 
 
-def load_scorer_model(path: str, dtype=None, pad_token_id=None):
-    """A sequence-classification model with one output (a reward model), plain (not a PeftModel)."""
+def load_scorer_model(path: str, dtype=None, pad_token_id=None, num_labels: int = 1, seed=None):
+    """A sequence-classification model (a reward model has one output), plain (not a PeftModel), in eval mode; an
+    adapter dir is merged into its base first. With `seed`, a head the checkpoint lacks is initialised from it, so
+    a "before" score (base + fresh head) is repeatable without touching the global RNG."""
+    import contextlib
+
+    import torch
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {"num_labels": 1}
+    kwargs = {"num_labels": num_labels}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if is_adapter_dir(path):
-        path = str(merged_dir(path, AutoModelForSequenceClassification, num_labels=1))
+        path = str(merged_dir(path, AutoModelForSequenceClassification, num_labels=num_labels))
     if pad_token_id is not None:
         kwargs["pad_token_id"] = pad_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.eval()
     return model
 
@@ -142,10 +116,10 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 32) -> lis
     return scores
 
 
-def reward_model_function(path: str, tokenizer, field: str = "grpo.reward", dtype=None) -> Callable:
+def reward_model_function(path: str, tokenizer, field: str = "grpo.reward") -> Callable:
     """A trained reward model as a GRPO reward function, scoring exactly the text layout the model was trained on
     (TRL's built-in string-path reward models tokenise without bos/eos, which a tiny reward model never saw)."""
-    model = load_scorer_model(full_model_dir(path, field), dtype=dtype, pad_token_id=tokenizer.pad_token_id)
+    model = load_scorer_model(full_model_dir(path, field), pad_token_id=tokenizer.pad_token_id)
 
     def reward_model(prompts, completions, **kwargs) -> list[float]:
         texts = [synthetic.last_user_text(p) + synthetic.text_of(c) for p, c in zip(prompts, completions)]
@@ -155,12 +129,10 @@ def reward_model_function(path: str, tokenizer, field: str = "grpo.reward", dtyp
     return reward_model
 
 
-def resolve(name_or_path: str, tokenizer, field: str = "grpo.reward", dtype=None) -> Callable:
+def resolve(name_or_path: str, tokenizer, field: str = "grpo.reward") -> Callable:
     """`grpo.reward`: a registered function name, or a reward model directory."""
-    if name_or_path in REWARDS:
-        return REWARDS[name_or_path]
-    if looks_like_path(name_or_path):
-        return reward_model_function(name_or_path, tokenizer, field, dtype)
+    if name_or_path not in REWARDS and looks_like_path(name_or_path):
+        return reward_model_function(name_or_path, tokenizer, field)
     return reward_function(name_or_path, field)
 
 

@@ -19,7 +19,7 @@ def build(ctx):
     section = cfg.section("rm")
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
-    method_defaults = dict(max_length=cfg.data.max_length, eval_strategy="no", dataset_num_proc=None)
+    method_defaults = dict(max_length=cfg.data.max_length)
     if section.get("center_rewards_coefficient") is not None:
         method_defaults["center_rewards_coefficient"] = float(section["center_rewards_coefficient"])
     args = common.make_args(RewardConfig, common.training_kwargs(ctx, **method_defaults))
@@ -45,15 +45,10 @@ def pairwise_evaluator(ctx, rows: list[dict], base_path: str, tokenizer):
         r.setdefault("prompt", "")
 
     def evaluate(when: str) -> dict:
-        import torch
-
-        dtype = builder.torch_dtype(cfg, plan)
-        if when == "before":
-            with torch.random.fork_rng(devices=[]):  # a seeded fresh head: "before" is chance level, repeatably
-                torch.manual_seed(cfg.seed)
-                model = rewards.load_scorer_model(base_path, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
-        else:
-            model = rewards.load_scorer_model(str(ctx.output_dir), dtype=dtype, pad_token_id=tokenizer.pad_token_id)
+        # before: the base with a fresh head, seeded, so "before" is chance level, repeatably
+        model = rewards.load_scorer_model(base_path if when == "before" else str(ctx.output_dir),
+                                          dtype=builder.torch_dtype(cfg, plan), pad_token_id=tokenizer.pad_token_id,
+                                          seed=cfg.seed if when == "before" else None)
         result = rewards.pairwise_accuracy(model, tokenizer, rows)
         del model
         return result

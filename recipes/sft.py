@@ -16,8 +16,7 @@ def build(ctx):
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
     args = common.make_args(SFTConfig, common.training_kwargs(
-        ctx, max_length=cfg.data.max_length, packing=cfg.data.packing,
-        eval_strategy="no", dataset_num_proc=None))
+        ctx, max_length=cfg.data.max_length, packing=cfg.data.packing))
     model = builder.load_model(cfg, plan, path)
     trainer = SFTTrainer(model=model, args=args, train_dataset=bundle.train,
                          eval_dataset=bundle.eval if has_eval else None, processing_class=tokenizer,
