@@ -265,7 +265,10 @@ def at_start(plan, rank: int, local_rank: int, world_size: int, ranks_per_node: 
     if world_size > 1:
         check_allreduce(timeout_s, report=report)
     if local_rank == 0 and plan.device == "cuda":
-        load = mem.load_bytes_per_rank(plan.model.get("params", 0), plan.zero_stage, plan.method == "qlora")
+        # every model the recipe holds (PPO: four), each by its own storage: the planner's own sum
+        models = list(plan.models.values()) or [dict(plan.model, quantized=plan.method == "qlora")]
+        load = sum(mem.load_bytes_per_rank(m.get("params", 0), plan.zero_stage, m.get("quantized", False))
+                   for m in models)
         check_host(ranks_per_node, int(load), report, probe=probe)
     for warning in report.warnings:
         print(f"ftlaunch: warning: {warning}", file=sys.stderr, flush=True)

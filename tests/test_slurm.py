@@ -270,6 +270,25 @@ def _probe(total_gib, avail_gib, shm_gib):
     return lambda: (int(total_gib * g), int(avail_gib * g), None if shm_gib is None else int(shm_gib * g), 8)
 
 
+def test_runner_preflight_counts_every_model_the_plan_loads():
+    """PPO holds a policy, a reward and a value model (the LoRA reference is the policy itself): 8 ranks x 3 x
+    13.5 GB overflow a 200 GiB node that the policy alone (8 x 13.5 GB) would fit, as the planner counts it."""
+    from launcher.errors import PreflightError
+    from launcher.inventory import parse_spec
+    from launcher.planner import ExtraModel, PlanRequest, plan
+    from launcher.preflight import at_start
+    from launcher.shapes import resolve_shape
+
+    shape, gpus = resolve_shape("llama-2-7b"), parse_spec("8xA100-80GB")
+    extras = [ExtraModel("reference", shape), ExtraModel("reward", shape), ExtraModel("value", shape, trainable=True)]
+    ppo = plan(PlanRequest(method="lora", seq_len=512, global_batch_size=16, zero_stage=2, generates=True,
+                           extra_models=extras), gpus, shape)
+    alone = plan(PlanRequest(method="lora", seq_len=512, global_batch_size=16, zero_stage=2), gpus, shape)
+    assert at_start(alone, rank=0, local_rank=0, world_size=1, ranks_per_node=8, probe=_probe(200, 190, 32)).ok
+    with pytest.raises(PreflightError, match="200.0 GiB in all"):
+        at_start(ppo, rank=0, local_rank=0, world_size=1, ranks_per_node=8, probe=_probe(200, 190, 32))
+
+
 def test_preflight_host_checks_warn_and_fail_only_when_impossible():
     from launcher.preflight import check_host
 
