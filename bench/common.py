@@ -7,6 +7,7 @@ exactly as in a real QLoRA run); data is synthetic text whose token count is kno
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -28,19 +29,25 @@ GiB = 1024 ** 3
 RESULT_TAG = "BENCH_RESULT "
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
-               "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}
+               "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+# ftlaunch's recipe for each method the GPU benchmarks measure.
+RECIPES = {"full": "sft_7b", "lora": "lora_7b", "qlora": "qlora_7b"}
+# Tiny shapes for the CPU code-path checks (`tiny_shape` overrides, by name).
+TINY_SHAPES = {"tiny-256": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+                            "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 4096},
+               "tiny-512": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
+                            "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 8192},
+               "tiny-llama": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}}
 
 
-def setup_env(quiet: bool = True) -> None:
+def setup_env() -> None:
     """Offline, quiet. Call before importing transformers/trl/datasets."""
-    for key, value in OFFLINE_ENV.items():
-        if value:
-            os.environ.setdefault(key, value)
-    if quiet:
-        import warnings
+    import warnings
 
-        warnings.filterwarnings("ignore")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def quiet_libraries() -> None:
@@ -57,10 +64,21 @@ def quiet_libraries() -> None:
 
 def bench_cache() -> Path:
     """Where random-weight model directories live (they are big for 7B: ~13 GiB in bf16)."""
+    from recipes.builder import cache_dir
+
     root = os.environ.get("FTLAUNCH_BENCH_CACHE")
     if root:
         return Path(root)
-    return Path(os.environ.get("FTLAUNCH_CACHE", Path.home() / ".cache" / "ftlaunch")) / "bench-models"
+    return cache_dir() / "bench-models"
+
+
+def shape_of(card: str):
+    """A card's shape (launcher/shapes.py), or one of TINY_SHAPES by name."""
+    from launcher.shapes import resolve_shape, tiny_shape
+
+    if card in TINY_SHAPES:
+        return tiny_shape(TINY_SHAPES[card], card)
+    return resolve_shape(card)
 
 
 # ---- machine description -------------------------------------------------------------------------------------------
@@ -93,14 +111,13 @@ def machine() -> dict:
     return info
 
 
-def print_header(title: str, command: Optional[list] = None) -> dict:
+def print_header(title: str) -> None:
     info = machine()
     print(f"== {title}")
     print(f"   date {info['date']} | device {info['device']} | load avg (1 min) {info.get('load_avg_1m', '?')} | "
           f"torch {info.get('torch')} transformers {info.get('transformers')} trl {info.get('trl')} "
           f"peft {info.get('peft')} bitsandbytes {info.get('bitsandbytes')}")
-    print(f"   command: {' '.join(command or [Path(sys.argv[0]).as_posix()] + sys.argv[1:])}")
-    return info
+    print(f"   command: {' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}")
 
 
 # ---- fresh-subprocess workers --------------------------------------------------------------------------------------
@@ -111,9 +128,9 @@ def emit(result: dict) -> None:
     print(RESULT_TAG + json.dumps(result, default=str), flush=True)
 
 
-def run_worker(argv: list, env: Optional[dict] = None, timeout: float = 3600, echo: bool = False) -> dict:
+def run_worker(argv: list, env: Optional[dict] = None, timeout: float = 3600) -> dict:
     """Run `python ARGV` in a fresh process; return its tagged JSON result (+ wall_s), or {'error': tail}."""
-    full_env = {**os.environ, **{k: v for k, v in OFFLINE_ENV.items() if v}, **(env or {})}
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
     start = time.perf_counter()
     try:
@@ -122,8 +139,6 @@ def run_worker(argv: list, env: Optional[dict] = None, timeout: float = 3600, ec
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - start}
     wall = time.perf_counter() - start
-    if echo:
-        sys.stdout.write(proc.stdout)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             out = json.loads(line[len(RESULT_TAG):])
@@ -164,6 +179,7 @@ def random_model_dir(shape, max_positions: int = 4096, dtype: str = "bfloat16", 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from recipes.builder import _publish_dir
     from recipes.tiny import tiny_tokenizer
 
     key = hashlib.sha256(json.dumps([shape.to_json(), max_positions, dtype, seed, 1], sort_keys=True,
@@ -185,12 +201,7 @@ def random_model_dir(shape, max_positions: int = 4096, dtype: str = "bfloat16", 
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process published it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    _publish_dir(tmp, final)  # another process may have published it first
     return final
 
 
@@ -209,10 +220,34 @@ def digit_text_file(path: Path, rows: int, tokens: int, seed: int = 0) -> Path:
 
 # ---- ftlaunch's own trainer for a (possibly pinned, possibly what-if) plan -----------------------------------------
 
+def ftlaunch_plan(recipe: str, overrides: list, inventory, training: Optional[dict] = None,
+                 cpu_fallbacks: bool = False):
+    """ftlaunch's planning step: recipe + overrides (+ `training` keys) -> plan(inventory). Returns
+    (plan, request, cfg).
+
+    `cpu_fallbacks` (the sweeps' setting, for their --tiny CPU checks): on a CPU inventory plan in the model's own
+    dtype (CPU plans are fp32; the 7b recipes pin bfloat16 for GPUs) and, for QLoRA without an `optim` given,
+    with adamw_torch (the recipe's paged_adamw_8bit is a GPU optimizer; the rows say which optimizer ran).
+    """
+    from launcher.config import load_recipe
+    from launcher.planner import plan as make_plan
+    from launcher.recipe_request import request_from_recipe
+
+    overrides, training = list(overrides), dict(training or {})
+    if cpu_fallbacks and inventory.gpu is None:
+        overrides.append("model.dtype=auto")
+        if recipe.startswith("qlora") and "optim" not in training:
+            training["optim"] = "adamw_torch"
+    cfg = load_recipe(recipe, None, overrides)
+    cfg.training.update(training)
+    request = request_from_recipe(cfg)
+    return make_plan(request, inventory, request.shape), request, cfg
+
+
 def ftlaunch_trainer(recipe: str, overrides: list, inventory, out_dir, training: Optional[dict] = None,
-                     force: bool = False):
-    """What `ftlaunch run` builds, minus manifest/callbacks: recipe + overrides -> plan(inventory) -> the recipe
-    module's trainer (its TrainingArguments from the plan, its model loader, its data loader).
+                     force: bool = False, cpu_fallbacks: bool = False):
+    """What `ftlaunch run` builds, minus manifest/callbacks: `ftlaunch_plan` -> the recipe module's trainer (its
+    TrainingArguments from the plan, its model loader, its data loader).
 
     `inventory` may be a what-if (e.g. the plan for a 24 GB card executed on a bigger one). Returns
     (trainer, plan, request, cfg). Single process, no DeepSpeed (ZeRO-0), like `ftlaunch run` without a launcher.
@@ -221,16 +256,11 @@ def ftlaunch_trainer(recipe: str, overrides: list, inventory, out_dir, training:
     """
     import importlib
 
-    from launcher.config import load_recipe
-    from launcher.planner import plan as make_plan
-    from launcher.recipe_request import request_from_recipe
     from launcher.train import DistEnv, RunContext
     from recipes import common as recipe_common
 
-    cfg = load_recipe(recipe, None, [f"output_dir={out_dir}", *overrides])
-    cfg.training.update(training or {})
-    request = request_from_recipe(cfg)
-    plan = make_plan(request, inventory, request.shape)
+    plan, request, cfg = ftlaunch_plan(recipe, [f"output_dir={out_dir}", *overrides], inventory, training,
+                                       cpu_fallbacks)
     if not plan.fits and not force:
         return None, plan, request, cfg
     ctx = RunContext(cfg=cfg, plan=plan, env=DistEnv(), ds_config=None, output_dir=Path(out_dir))
@@ -344,9 +374,30 @@ def inventory_here():
     return detect_inventory(None, {**os.environ, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
 
 
+@contextlib.contextmanager
+def metered(result: dict):
+    """Around one row's build + training: an exception becomes the row's `error` ("OOM: " first when it is one)
+    instead of propagating; the process's peak memory is added to `result` either way."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - one row
+        result["error"] = ("OOM: " if is_oom(exc) else "") + f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        result.update(peak_memory())
+
+
+def train_timed(trainer, tokens_per_step: int, warmup: int) -> dict:
+    """Train with a step timer: steps, median seconds/step after `warmup`, tokens/s, the logged losses."""
+    timer = step_timer(warmup=warmup)
+    trainer.add_callback(timer)
+    trainer.train()
+    seconds = timer.seconds_per_step()
+    return {"steps": trainer.state.global_step, "seconds_per_step": seconds,
+            "tokens_per_s": tokens_per_step / seconds if seconds else None, "losses": timer.losses}
+
+
 def pinned_run(recipe: str, model_dir, data, *, seq: int, micro: int, global_batch: int, checkpointing: bool,
-               steps: int, warmup: int = 1, inventory=None, extra_overrides: Optional[list] = None,
-               training: Optional[dict] = None, force: bool = True) -> dict:
+               steps: int, warmup: int = 1) -> dict:
     """One ftlaunch run (in this process) with the plan pinned to ZeRO-0, `micro` and `checkpointing`: the planner's
     prediction for exactly that configuration (`estimate`), then a few optimizer steps, timed and metered."""
     # Measure the process before the model exists, with the training stack already imported.
@@ -358,38 +409,20 @@ def pinned_run(recipe: str, model_dir, data, *, seq: int, micro: int, global_bat
 
     before = rss_bytes()
     reset_peak()
-    inventory = inventory or inventory_here()
+    inventory = inventory_here()
     overrides = [f"model.name={model_dir}", f"plan.global_batch_size={global_batch}",
                  f"plan.micro_batch_size={micro}", f"plan.gradient_checkpointing={str(checkpointing).lower()}",
-                 "plan.zero_stage=0", "plan.offload=none", *data_overrides(data, seq, global_batch * steps),
-                 *(extra_overrides or [])]
-    if inventory.gpu is None:
-        overrides.append("model.dtype=auto")  # CPU plans are fp32; the 7b recipes pin bfloat16 for GPUs
-    train_kw = dict(BENCH_TRAINING, max_steps=steps, **(training or {}))
-    if inventory.gpu is None and recipe.startswith("qlora") and "optim" not in (training or {}):
-        train_kw["optim"] = "adamw_torch"  # the recipe's paged_adamw_8bit is a GPU optimizer (said in the output)
+                 "plan.zero_stage=0", "plan.offload=none", *data_overrides(data, seq, global_batch * steps)]
     result: dict = {"rss_before_load": before}
-    timer = step_timer(warmup=warmup)
-    try:
-        trainer, plan, request, cfg = ftlaunch_trainer(recipe, overrides, inventory, tempfile_dir(), train_kw,
-                                                     force=force)
+    with metered(result):
+        trainer, _, request, cfg = ftlaunch_trainer(recipe, overrides, inventory, tempfile_dir(),
+                                                    dict(BENCH_TRAINING, max_steps=steps), force=True,
+                                                    cpu_fallbacks=True)
         pred = estimate(request, inventory, request.shape, zero_stage=0, offload="none",
                         gradient_checkpointing=checkpointing, micro_batch_size=micro)
         result.update(predicted=pred["per_gpu_bytes"], predicted_fits=bool(pred["fits"]),
-                      predicted_step_seconds=pred["step_seconds"],
-                      optim=train_kw.get("optim") or cfg.training.get("optim") or "adamw_torch")
-        if trainer is None:
-            result["error"] = f"not run: planner says it does not fit ({plan.reason[:160]})"
-            return result
-        trainer.add_callback(timer)
-        trainer.train()
-        seconds = timer.seconds_per_step()
-        result.update(steps=trainer.state.global_step, seconds_per_step=seconds,
-                      tokens_per_s=global_batch * seq / seconds if seconds else None, losses=timer.losses)
-    except Exception as exc:  # noqa: BLE001 - one row
-        result["error"] = ("OOM: " if is_oom(exc) else "") + f"{type(exc).__name__}: {str(exc)[:300]}"
-    finally:
-        result.update(peak_memory())
+                      predicted_step_seconds=pred["step_seconds"], optim=cfg.training.get("optim") or "adamw_torch")
+        result.update(train_timed(trainer, global_batch * seq, warmup))
     return result
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
+from bench.common import RECIPES, shape_of  # noqa: E402
 
 GOAL = 0.10
-RECIPES = {"full": "sft_7b", "lora": "lora_7b", "qlora": "qlora_7b"}
 
 # (card, method, seq, micro-batch, checkpointing): 0.5B-7B, every method, both checkpointing settings.
 GPU_CONFIGS = [
@@ -49,25 +49,13 @@ GPU_CONFIGS = [
     ("llama-2-7b", "qlora", 4096, 1, True),
     ("llama-2-7b", "qlora", 512, 8, False),
 ]
-# Tiny shapes for the CPU code-path check (names map to tiny_shape overrides below).
-TINY_SHAPES = {"tiny-256": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-                            "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 4096},
-               "tiny-512": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
-                            "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 8192}}
+# Tiny shapes for the CPU code-path check (names: common.TINY_SHAPES).
 TINY_CONFIGS = [
     ("tiny-256", "full", 128, 2, False), ("tiny-256", "full", 256, 8, False), ("tiny-256", "full", 256, 8, True),
     ("tiny-256", "lora", 256, 8, False), ("tiny-256", "lora", 256, 8, True), ("tiny-256", "qlora", 256, 8, False),
     ("tiny-512", "full", 256, 4, False), ("tiny-512", "full", 256, 4, True), ("tiny-512", "lora", 128, 8, False),
     ("tiny-512", "lora", 256, 8, True), ("tiny-512", "qlora", 256, 4, False), ("tiny-512", "qlora", 256, 8, True),
 ]
-
-
-def shape_of(card: str):
-    from launcher.shapes import resolve_shape, tiny_shape
-
-    if card in TINY_SHAPES:
-        return tiny_shape(TINY_SHAPES[card], card)
-    return resolve_shape(card)
 
 
 def worker(opts) -> dict:
@@ -117,12 +105,14 @@ def main(argv=None) -> int:
         print("no GPU here: run with --tiny for the CPU code-path check; the real figures need a GPU")
         return 2
     work = Path(tempfile.mkdtemp(prefix="bench-mem-data-"))
-    rows = []
+    rows, data_files = [], {}
     for i in chosen:
         card, method, seq, micro, ckpt = configs[i]
         shape = shape_of(card)
         model_dir = common.random_model_dir(shape, max_positions=max(4096, seq))
-        data = common.digit_text_file(work / f"seq{seq}.jsonl", 64, seq)
+        if seq not in data_files:  # the same 64 rows for every configuration of this length
+            data_files[seq] = common.digit_text_file(work / f"seq{seq}.jsonl", 64, seq)
+        data = data_files[seq]
         print(f"   [{i}] {card} {method} seq {seq} micro {micro} ckpt {'on' if ckpt else 'off'} ...", flush=True)
         r = common.run_worker(["bench/memory_accuracy.py", "--worker", json.dumps(configs[i]), "--model-dir",
                                model_dir, "--data", data], timeout=1800)

@@ -22,34 +22,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
+from bench.common import RECIPES  # noqa: E402
 
 GOAL = 0.95
-RECIPES = {"full": "sft_7b", "lora": "lora_7b", "qlora": "qlora_7b"}
-TINY_SHAPE = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-              "num_key_value_heads": 4, "vocab_size": 4096}
-
-
-def shape_of(opts):
-    from launcher.shapes import resolve_shape, tiny_shape
-
-    return tiny_shape(TINY_SHAPE, "tiny-256") if opts.tiny else resolve_shape(opts.card)
 
 
 def chosen_plan(opts, model_dir, data):
-    """plan() for this device, nothing pinned: what `ftlaunch run` would pick."""
-    from launcher.config import load_recipe
-    from launcher.planner import plan
-    from launcher.recipe_request import request_from_recipe
-
+    """plan() for this device, nothing pinned: what `ftlaunch run` would pick (with the sweep's CPU fallbacks)."""
     overrides = [f"model.name={model_dir}", f"plan.global_batch_size={opts.global_batch}",
                  *common.data_overrides(data, opts.seq, opts.global_batch)]
     inventory = common.inventory_here()
-    if inventory.gpu is None:
-        overrides.append("model.dtype=auto")
-    cfg = load_recipe(RECIPES[opts.method], None, overrides)
-    if inventory.gpu is None and opts.method == "qlora":
-        cfg.training["optim"] = "adamw_torch"
-    p = plan(request_from_recipe(cfg), inventory)
+    p, _, _ = common.ftlaunch_plan(RECIPES[opts.method], overrides, inventory, cpu_fallbacks=True)
     return p, inventory
 
 
@@ -100,7 +83,7 @@ def main(argv=None) -> int:
     if not gpu and not opts.tiny:
         print("no GPU here: run with --tiny for the CPU code-path check; the real figures need a GPU")
         return 2
-    shape = shape_of(opts)
+    shape = common.shape_of("tiny-256" if opts.tiny else opts.card)
     common.print_header(f"plan sweep: chosen plan vs exhaustive micro-batch x checkpointing "
                         f"({shape.name} {opts.method}, seq {opts.seq}, global batch {opts.global_batch})"
                         + ("" if gpu else " [CPU tiny: code path, not the goal]"))

@@ -32,14 +32,11 @@ from bench import common  # noqa: E402
 GOAL_PEAK_GIB = 20.0
 GOAL_SPEEDUP = 1.5
 CARD = "llama-2-7b"
-LORA = dict(r=64, alpha=16, dropout=0.05)  # recipes/configs/qlora_7b.yaml
+RECIPE = "qlora_7b"
 
 
 def shape_for(tiny: bool):
-    from launcher.shapes import resolve_shape, tiny_shape
-
-    return tiny_shape({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}, "tiny-llama") \
-        if tiny else resolve_shape(CARD)
+    return common.shape_of("tiny-llama" if tiny else CARD)
 
 
 def flops_per_token(shape, seq: int) -> float:
@@ -72,9 +69,8 @@ def worker(opts) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, opts.cap_gib * common.GiB / total))
     out_dir = tempfile.mkdtemp(prefix="bench-qlora-")
-    timer = common.step_timer(warmup=opts.warmup)
     result = {"kind": opts.worker, "inventory": opts.inventory}
-    try:
+    with common.metered(result):
         if opts.worker == "ftlaunch":
             trainer, plan = build_ftlaunch(opts, out_dir)
             result.update(plan={"micro_batch_size": plan.micro_batch_size,
@@ -90,44 +86,40 @@ def worker(opts) -> dict:
                       precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
         if torch.cuda.is_available():
             result["after_load_allocated"] = torch.cuda.memory_allocated()
-        trainer.add_callback(timer)
-        trainer.train()
-        seconds = timer.seconds_per_step()
         tokens = opts.global_batch * opts.seq
+        result.update(common.train_timed(trainer, tokens, opts.warmup))
         seen = getattr(trainer.state, "num_input_tokens_seen", 0) or 0
-        result.update(seconds_per_step=seconds, tokens_per_step=tokens, tokens_per_s=tokens / seconds,
-                      tokens_seen=int(seen), steps=trainer.state.global_step, losses=timer.losses)
-    except Exception as exc:  # noqa: BLE001 - reported as a row
-        result["error"] = ("OOM: " if common.is_oom(exc) else "") + f"{type(exc).__name__}: {str(exc)[:300]}"
-    result.update(common.peak_memory())
+        result.update(tokens_per_step=tokens, tokens_seen=int(seen))
     return result
 
 
 def build_ftlaunch(opts, out_dir):
-    from launcher.inventory import detect_inventory, parse_spec
+    from launcher.inventory import parse_spec
 
-    import os
-
-    inventory = detect_inventory(None, {**os.environ, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}) \
-        if opts.inventory == "detect" else parse_spec(opts.inventory)
+    inventory = common.inventory_here() if opts.inventory == "detect" else parse_spec(opts.inventory)
     overrides = [f"model.name={opts.model_dir}", f"plan.global_batch_size={opts.global_batch}",
                  *common.data_overrides(opts.data, opts.seq, opts.global_batch * opts.steps)]
     training = dict(common.BENCH_TRAINING, max_steps=opts.steps)
     if opts.optim:
         training["optim"] = opts.optim
-    trainer, plan, _, _ = common.ftlaunch_trainer("qlora_7b", overrides, inventory, out_dir, training)
+    trainer, plan, _, _ = common.ftlaunch_trainer(RECIPE, overrides, inventory, out_dir, training)
     if trainer is None:
         raise RuntimeError(f"plan does not fit: {plan.reason}")
     return trainer, plan
 
 
 def build_baseline(opts, out_dir):
-    """What a user writes from the TRL/PEFT docs: defaults everywhere except the task's own settings."""
+    """What a user writes from the TRL/PEFT docs: defaults everywhere except the task's own settings (LoRA and
+    learning rate as in the recipe)."""
     import datasets
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
+
+    from launcher.config import load_recipe
+    from recipes.builder import peft_config
+
+    recipe = load_recipe(RECIPE, None, [])
 
     tokenizer = AutoTokenizer.from_pretrained(opts.model_dir)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -135,15 +127,14 @@ def build_baseline(opts, out_dir):
     model = AutoModelForCausalLM.from_pretrained(opts.model_dir, dtype=torch.bfloat16, quantization_config=quant)
     default_micro = 8  # SFTConfig's per_device_train_batch_size default
     micro = min(default_micro, opts.global_batch)
-    args = SFTConfig(output_dir=out_dir, max_length=opts.seq, max_steps=opts.steps, learning_rate=2e-4,
+    args = SFTConfig(output_dir=out_dir, max_length=opts.seq, max_steps=opts.steps,
+                     learning_rate=recipe.training["learning_rate"],
                      gradient_accumulation_steps=opts.global_batch // micro, per_device_train_batch_size=micro,
                      logging_steps=1, save_strategy="no", report_to="none", seed=42,
                      use_cpu=not torch.cuda.is_available())
     data = datasets.load_dataset("json", data_files=str(opts.data), split="train")
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                             target_modules="all-linear", task_type="CAUSAL_LM")
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                      peft_config=peft_config)
+                      peft_config=peft_config(recipe))
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------------
