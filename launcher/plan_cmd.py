@@ -42,7 +42,9 @@ def _pins(args) -> dict:
 
 
 def build_plan(args):
-    """(plan, inventory) from parsed arguments: a recipe, or --model/--method."""
+    """(plan, inventory, gradient clipping) from parsed arguments: a recipe, or --model/--method. The clipping is
+    the recipe's training.max_grad_norm (HF's 1.0 without a recipe), as the run writes it into the DeepSpeed JSON."""
+    from launcher.ds_config import gradient_clipping
     from launcher.inventory import detect_inventory
     from launcher.planner import PlanRequest, plan
     from launcher.recipe_request import request_from_recipe
@@ -58,6 +60,7 @@ def build_plan(args):
         cfg = load_recipe(args.recipe, args.config, overrides)
         request = request_from_recipe(cfg)
         spec = args.inventory or cfg.plan.inventory
+        clipping = gradient_clipping(cfg)
     else:
         if not args.model:
             raise UserError("ftlaunch plan: give --recipe NAME (or --config FILE), or --model NAME --method METHOD")
@@ -70,16 +73,17 @@ def build_plan(args):
         request = PlanRequest(shape=resolve_shape(args.model), method=args.method, seq_len=args.seq_len,
                               global_batch_size=args.global_batch, lora_r=args.lora_r, optimizer=args.optim, **pins)
         spec = args.inventory
+        clipping = 1.0
     inventory = detect_inventory(spec)
-    return plan(request, inventory), inventory
+    return plan(request, inventory), inventory, clipping
 
 
 def cmd_plan(argv: list[str]) -> int:
     args = _plan_parser().parse_args(argv)
-    result, inventory = build_plan(args)
+    result, inventory, clipping = build_plan(args)
     from launcher.ds_config import deepspeed_config
 
-    ds = deepspeed_config(result) if result.fits else None
+    ds = deepspeed_config(result, clipping) if result.fits else None
     if args.json:
         out = result.to_json()
         out["deepspeed_config"] = ds

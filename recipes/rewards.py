@@ -2,7 +2,7 @@
 
 A recipe names a reward (`grpo.reward: arith`), never code: only the functions registered here can be chosen, so a
 config file cannot make ftlaunch evaluate anything. A reward is either a name from `REWARDS` or the path of a
-trained reward model (an `rm` run's output: a full model or a LoRA adapter on its base).
+trained reward model (an `rm` run's output: a full model or a LoRA adapter on its base), or a hub id (`org/name`).
 
 Reward functions follow TRL's GRPO signature: `f(prompts, completions, **dataset_columns) -> list[float]`.
 """
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
 from launcher.errors import UserError
 from recipes import synthetic
-from recipes.builder import is_adapter_dir, merged_dir
+from recipes.builder import is_adapter_dir, loading, merged_dir
 
 
 def exact_reward(prompts, completions, answer=None, **kwargs) -> list[float]:
@@ -48,7 +49,18 @@ def reward_function(name: str, field: str = "grpo.reward") -> Callable:
     return REWARDS[name]
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", as the hub spells repo ids
+
+
+def is_hub_id(value: str) -> bool:
+    """`org/name` that is not a local directory: from_pretrained looks it up on the hub (or its offline cache), as
+    transformers itself decides. `runs/rlhf/rm` or `./rm` stay paths, and a missing one fails naming the field."""
+    return bool(HUB_ID.match(value)) and not Path(value).exists()
+
+
 def looks_like_path(value: str) -> bool:
+    if is_hub_id(value):
+        return False
     return value.startswith((".", "/", "~")) or os.sep in value or Path(value).expanduser().exists()
 
 
@@ -119,7 +131,9 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 32) -> lis
 def reward_model_function(path: str, tokenizer, field: str = "grpo.reward") -> Callable:
     """A trained reward model as a GRPO reward function, scoring exactly the text layout the model was trained on
     (TRL's built-in string-path reward models tokenise without bos/eos, which a tiny reward model never saw)."""
-    model = load_scorer_model(full_model_dir(path, field), pad_token_id=tokenizer.pad_token_id)
+    with loading(field, path):
+        source = path if is_hub_id(path) else full_model_dir(path, field)
+        model = load_scorer_model(source, pad_token_id=tokenizer.pad_token_id)
 
     def reward_model(prompts, completions, **kwargs) -> list[float]:
         texts = [synthetic.last_user_text(p) + synthetic.text_of(c) for p, c in zip(prompts, completions)]
@@ -131,7 +145,7 @@ def reward_model_function(path: str, tokenizer, field: str = "grpo.reward") -> C
 
 def resolve(name_or_path: str, tokenizer, field: str = "grpo.reward") -> Callable:
     """`grpo.reward`: a registered function name, or a reward model directory."""
-    if name_or_path not in REWARDS and looks_like_path(name_or_path):
+    if name_or_path not in REWARDS and (looks_like_path(name_or_path) or is_hub_id(name_or_path)):
         return reward_model_function(name_or_path, tokenizer, field)
     return reward_function(name_or_path, field)
 

@@ -440,3 +440,7 @@ def test_cmd_plan_recipe_pins_and_ds_config(capsys):
     assert (data["zero_stage"], data["micro_batch_size"], data["gradient_checkpointing"], data["seq_len"]) == \
         (2, 4, True, 64)
     assert data["deepspeed_config"]["train_batch_size"] == data["global_batch_size"]
+    assert data["deepspeed_config"]["gradient_clipping"] == 1.0  # HF's default max_grad_norm
+    # the printed JSON is the one the run writes: it carries the recipe's clipping, not the default
+    assert cmd_plan(["--recipe", "sft_tiny", "--inventory", "2xcpu", "--json", "training.max_grad_norm=0.3"]) == 0
+    assert json.loads(capsys.readouterr().out)["deepspeed_config"]["gradient_clipping"] == 0.3
