@@ -323,12 +323,6 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def rss_bytes() -> int:
-    """Current resident set of this process."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_memory() -> dict:
     """CUDA allocator peaks when on a GPU; always the process's max RSS (ru_maxrss) too."""
     import resource
@@ -397,32 +391,38 @@ def train_timed(trainer, tokens_per_step: int, warmup: int) -> dict:
 
 
 def pinned_run(recipe: str, model_dir, data, *, seq: int, micro: int, global_batch: int, checkpointing: bool,
-               steps: int, warmup: int = 1) -> dict:
+               steps: int, warmup: int = 1, inventory=None, overrides=(), training=None,
+               live_tensors: bool = False) -> dict:
     """One ftlaunch run (in this process) with the plan pinned to ZeRO-0, `micro` and `checkpointing`: the planner's
-    prediction for exactly that configuration (`estimate`), then a few optimizer steps, timed and metered."""
-    # Measure the process before the model exists, with the training stack already imported.
-    import peft  # noqa: F401
-    import trl  # noqa: F401
-    from trl import SFTTrainer  # noqa: F401
+    prediction for exactly that configuration (`estimate`), then a few optimizer steps, timed and metered.
 
+    `inventory` (default: this machine) may be a what-if GPU: on a CPU the run then executes the GPU plan (its
+    precision and dtypes); `live_tensors` adds the CPU's live-tensor peak (bench/tensor_meter.py) as `live_peak`."""
     from launcher.planner import estimate
 
-    before = rss_bytes()
     reset_peak()
-    inventory = inventory_here()
+    inventory = inventory or inventory_here()
     overrides = [f"model.name={model_dir}", f"plan.global_batch_size={global_batch}",
                  f"plan.micro_batch_size={micro}", f"plan.gradient_checkpointing={str(checkpointing).lower()}",
-                 "plan.zero_stage=0", "plan.offload=none", *data_overrides(data, seq, global_batch * steps)]
-    result: dict = {"rss_before_load": before}
+                 "plan.zero_stage=0", "plan.offload=none", *data_overrides(data, seq, global_batch * steps),
+                 *overrides]
+    result: dict = {}
     with metered(result):
         trainer, _, request, cfg = ftlaunch_trainer(recipe, overrides, inventory, tempfile_dir(),
-                                                    dict(BENCH_TRAINING, max_steps=steps), force=True,
-                                                    cpu_fallbacks=True)
+                                                    dict(BENCH_TRAINING, max_steps=steps, **(training or {})),
+                                                    force=True, cpu_fallbacks=True)
         pred = estimate(request, inventory, request.shape, zero_stage=0, offload="none",
                         gradient_checkpointing=checkpointing, micro_batch_size=micro)
         result.update(predicted=pred["per_gpu_bytes"], predicted_fits=bool(pred["fits"]),
                       predicted_step_seconds=pred["step_seconds"], optim=cfg.training.get("optim") or "adamw_torch")
-        result.update(train_timed(trainer, global_batch * seq, warmup))
+        if live_tensors:
+            from bench.tensor_meter import LiveTensorMeter
+
+            with LiveTensorMeter() as meter:
+                result.update(train_timed(trainer, global_batch * seq, warmup))
+            result.update(live_start=meter.start, live_peak=meter.peak)
+        else:
+            result.update(train_timed(trainer, global_batch * seq, warmup))
     return result
 
 

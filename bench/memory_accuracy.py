@@ -3,7 +3,8 @@ configuration (method x seq len x micro-batch x checkpointing, shapes 0.5B-7B). 
 
     .venv/bin/python bench/memory_accuracy.py                  # on a GPU: 15 configurations, ~1 min each
     .venv/bin/python bench/memory_accuracy.py --only 0,1,2     # a subset (indices as printed by --list)
-    .venv/bin/python bench/memory_accuracy.py --tiny           # CPU: tiny shapes, RSS; code path only
+    .venv/bin/python bench/memory_accuracy.py --cpu            # CPU: 12 configurations, 135M-0.5B, live tensors
+    .venv/bin/python bench/memory_accuracy.py --tiny           # CPU: tiny shapes (the tests' quick check)
 
 Every configuration runs in a fresh process through ftlaunch's own path (recipe sft_7b / lora_7b / qlora_7b with the
 model swapped for random weights of the card's shape, plan pinned to ZeRO-0, the given micro-batch and
@@ -12,9 +13,13 @@ tokens long. Measured: torch.cuda.max_memory_allocated over the whole process (l
 The prediction's `total` includes the planner's 1 GiB CUDA-runtime constant (context, cuBLAS workspace), which the
 allocator does not see; the table shows the error against allocated and against allocated + that constant.
 
-On CPU (--tiny) the only honest meter is the process's max RSS (ru_maxrss; torch allocations are invisible to
-tracemalloc): it includes python/torch/transformers themselves (the planner's CPU-runtime constant is 1 GiB), so the
-table also shows the delta over the RSS measured just before the model is loaded. CPU figures are not the goal.
+On a CPU (--cpu, --tiny) each configuration executes the plan for an H100 (bf16 weights and autocast, the same
+TRL/PEFT/bitsandbytes code) and the meter is the peak of live tensor bytes (bench/tensor_meter.py), compared with
+the prediction less its "other" part (CUDA runtime and allocator margin, which a CPU does not have). It checks the
+tensor-level memory model (weights, grads, optimizer states, activations, logits) before any GPU is lent; it is not
+the GPU goal. Two differences are removed on purpose: LoRA dropout is off (CPU dropout keeps a 4-byte float noise
+tensor per element where CUDA keeps a 1-byte mask; the planner models both, see launcher/memory.py) and QLoRA uses
+adamw_torch (bitsandbytes' paged 8-bit optimizer is CUDA-only); the rows say which optimizer ran.
 """
 from __future__ import annotations
 
@@ -49,6 +54,16 @@ GPU_CONFIGS = [
     ("llama-2-7b", "qlora", 4096, 1, True),
     ("llama-2-7b", "qlora", 512, 8, False),
 ]
+# CPU tensor check: real small cards (qwen2.5-0.5b's 152k vocabulary makes the lm_head/loss term large).
+CPU_CONFIGS = [
+    ("qwen2.5-0.5b", "lora", 512, 2, False), ("qwen2.5-0.5b", "lora", 512, 2, True),
+    ("qwen2.5-0.5b", "lora", 1024, 1, False), ("qwen2.5-0.5b", "qlora", 512, 2, False),
+    ("qwen2.5-0.5b", "qlora", 256, 4, True), ("qwen2.5-0.5b", "full", 256, 2, False),
+    ("qwen2.5-0.5b", "full", 256, 1, True), ("smollm2-135m", "full", 512, 2, False),
+    ("smollm2-135m", "full", 512, 4, True), ("smollm2-135m", "lora", 512, 4, False),
+    ("smollm2-135m", "lora", 256, 8, True), ("smollm2-135m", "qlora", 1024, 2, False),
+]
+CPU_PLAN = "1xH100-80GB"  # the plan a CPU check executes
 # Tiny shapes for the CPU code-path check (names: common.TINY_SHAPES).
 TINY_CONFIGS = [
     ("tiny-256", "full", 128, 2, False), ("tiny-256", "full", 256, 8, False), ("tiny-256", "full", 256, 8, True),
@@ -63,14 +78,24 @@ def worker(opts) -> dict:
     common.quiet_libraries()
     card, method, seq, micro, ckpt = opts.config
     result = {"card": card, "method": method, "seq": seq, "micro": micro, "ckpt": ckpt}
+    import torch
+
+    kwargs = {}
+    if not torch.cuda.is_available():
+        from launcher.inventory import detect_inventory
+
+        kwargs = dict(inventory=detect_inventory(CPU_PLAN), live_tensors=True,
+                      overrides=["peft.dropout=0"] if method != "full" else [],
+                      training={"optim": "adamw_torch"} if method == "qlora" else None)
     result.update(common.pinned_run(RECIPES[method], opts.model_dir, opts.data, seq=seq, micro=micro,
-                                    global_batch=micro, checkpointing=ckpt, steps=opts.steps))
+                                    global_batch=micro, checkpointing=ckpt, steps=opts.steps, **kwargs))
     return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU: tiny shapes, process RSS")
+    parser.add_argument("--cpu", action="store_true", help="CPU: 135M-0.5B shapes, live tensor bytes")
+    parser.add_argument("--tiny", action="store_true", help="CPU: tiny shapes, live tensor bytes")
     parser.add_argument("--only", default=None, help="comma-separated indices into the configuration list")
     parser.add_argument("--limit", type=int, default=None, help="first N configurations")
     parser.add_argument("--steps", type=int, default=3)
@@ -84,7 +109,7 @@ def main(argv=None) -> int:
         opts.config = json.loads(opts.worker)
         common.emit(worker(opts))
         return 0
-    configs = TINY_CONFIGS if opts.tiny else GPU_CONFIGS
+    configs = TINY_CONFIGS if opts.tiny else CPU_CONFIGS if opts.cpu else GPU_CONFIGS
     chosen = list(range(len(configs)))
     if opts.only:
         chosen = [int(i) for i in opts.only.split(",") if i.strip()]
@@ -100,9 +125,9 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.is_available()
     common.print_header("memory accuracy: planner estimate() vs measured peak"
-                        + ("" if gpu else " (CPU, tiny shapes: code path only, not the goal)"))
-    if not gpu and not opts.tiny:
-        print("no GPU here: run with --tiny for the CPU code-path check; the real figures need a GPU")
+                        + ("" if gpu else f" (CPU: live tensors of the {CPU_PLAN} plan; not the GPU goal)"))
+    if not gpu and not (opts.tiny or opts.cpu):
+        print("no GPU here: --cpu (or --tiny) checks the tensor-level model on this CPU; the goal needs a GPU")
         return 2
     work = Path(tempfile.mkdtemp(prefix="bench-mem-data-"))
     rows, data_files = [], {}
@@ -123,13 +148,9 @@ def main(argv=None) -> int:
 
             r["err"] = pred / r["max_allocated"] - 1
             r["err_rt"] = pred / (r["max_allocated"] + CUDA_RUNTIME_BYTES) - 1
-        elif pred and r.get("max_rss"):
-            from launcher.memory import CPU_RUNTIME_BYTES
-
-            r["err"] = pred / r["max_rss"] - 1
-            delta = r["max_rss"] - r.get("rss_before_load", 0)
-            r["delta"] = delta
-            r["err_rt"] = (pred - CPU_RUNTIME_BYTES) / delta - 1 if delta > 0 else None
+        elif pred and r.get("live_peak"):
+            r["pred_tensors"] = pred - r["predicted"]["other"]
+            r["err"] = r["pred_tensors"] / r["live_peak"] - 1
         rows.append(r)
     pct = lambda k: (lambda r: None if r.get(k) is None else f"{100 * r[k]:+.1f}%")  # noqa: E731
     cols = [("#", "index"), ("model", "card"), ("method", "method"), ("seq", "seq"), ("micro", "micro"),
@@ -140,9 +161,8 @@ def main(argv=None) -> int:
                  ("reserved GiB", lambda r: common.gib(r.get("max_reserved"))),
                  ("err vs alloc", pct("err")), ("err vs alloc+1GiB", pct("err_rt"))]
     else:
-        cols += [("maxRSS GiB", lambda r: common.gib(r.get("max_rss"))), ("err vs RSS", pct("err")),
-                 ("RSS delta GiB", lambda r: common.gib(r.get("delta"))),
-                 ("err (pred-1GiB) vs delta", pct("err_rt"))]
+        cols += [("optim", "optim"), ("pred tensors GiB", lambda r: common.gib(r.get("pred_tensors"))),
+                 ("live peak GiB", lambda r: common.gib(r.get("live_peak"))), ("err", pct("err"))]
     cols.append(("error", lambda r: (r.get("error") or "")[:100] or None))
     print()
     common.print_table(rows, cols)
@@ -151,7 +171,7 @@ def main(argv=None) -> int:
     within = [r for r in measured if r.get(key) is not None and abs(r[key]) <= GOAL]
     oom = [r for r in rows if "OOM" in (r.get("error") or "")]
     print(f"\n   FIGURE {len(within)}/{len(rows)} configurations within +-{GOAL:.0%} "
-          f"({'prediction vs allocated + 1 GiB runtime' if gpu else 'CPU RSS; not the goal'}); "
+          f"({'prediction vs allocated + 1 GiB runtime' if gpu else 'tensor-level prediction vs CPU live tensors'}); "
           f"worst {max((abs(r[key]) for r in measured if r.get(key) is not None), default=float('nan')):.1%}; "
           f"OOM {len(oom)}; failed {len([r for r in rows if r.get('error')])}")
     if opts.json:

@@ -111,3 +111,26 @@ def test_tiny_mode_runs(args, tmp_path):
     if "overhead" not in args[0]:
         rows = json.loads((tmp_path / "rows.json").read_text())
         assert rows and not any(r.get("error") for r in rows), rows
+
+
+def test_live_tensor_meter_counts_storages_once_and_frees_them():
+    """The CPU meter behind memory_accuracy --cpu: pre-existing tensors count, views are free, freed storages leave."""
+    import torch
+
+    from bench.tensor_meter import LiveTensorMeter
+
+    mib = 1024 * 1024
+    kept = torch.zeros(mib // 4)  # 1 MiB, alive before the meter starts
+    with LiveTensorMeter() as meter:
+        start = meter.current
+        a = torch.ones(2 * mib // 4)  # +2 MiB
+        view = a.view(-1, 2)[:, 0]  # a view: same storage
+        b = a * 2  # +2 MiB
+        del b  # -2 MiB
+        after_free = meter.current
+        del a, view
+        end = meter.current
+    assert meter.start >= mib and start == meter.start
+    assert after_free - start == 2 * mib and end == start
+    assert meter.peak - start == 4 * mib
+    del kept
