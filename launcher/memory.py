@@ -10,7 +10,11 @@ Sources of the formulas:
   GPT layer in 16-bit, re-derived here for a Llama block (gated MLP, GQA, RoPE): elements kept per token per layer
   4h + 3·q_dim + 3·kv_dim + 4·I; the 5·a·s attention-matrix term only with eager attention (SDPA/flash keep none).
   Full recompute keeps the layer input (h per token) per layer plus one layer's full activations.
-- logits: b·s·V in 16-bit, the fp32 upcast HF's loss makes, and its fp32 gradient / log-softmax.
+- logits: b·s·V in 16-bit, the fp32 upcast HF's loss makes, and its fp32 gradient / log-softmax; or, under TRL's
+  SFTTrainer (`loss_type="chunked_nll"`, its default), 256-token chunks computed from copies of the lm_head weight.
+- A full fine-tune in one process without DeepSpeed trains the weights in the dtype they load in.
+The lm_head chunk constants and the dropout masks were measured as live tensor bytes (`bench/memory_accuracy.py
+--tiny`); everything else follows from the tensors the code keeps.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ CUDA_RUNTIME_BYTES = 1 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers
 CPU_RUNTIME_BYTES = 1 * GiB  # python + torch + transformers resident set of a CPU rank
 HOST_PROCESS_BYTES = 2 * GiB  # host RAM every GPU rank's process needs besides offloaded states
 FRAGMENTATION = 0.05  # caching-allocator margin on top of what tensors need
+SFT_LOSS_CHUNK_TOKENS = 256  # TRL SFTTrainer's chunked_nll: tokens per lm_head + cross-entropy chunk
 LOAD_SHARD_BYTES = 5 * GiB  # from_pretrained materialises one safetensors shard at a time when it can
 BUCKET_CAP = 200_000_000  # elements; DeepSpeed's reduce/allgather buckets, sized hidden² like HF's "auto"
 
@@ -37,17 +42,33 @@ LORA_ALIASES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "dense": 
                 "up": "up_proj", "down": "down_proj", "fc1": "up_proj", "fc2": "down_proj"}
 
 
-def optimizer_state_bytes(optim: str) -> float:
-    """HF `optim` name -> state bytes per param: adamw_torch 8, adamw_8bit / paged_adamw_8bit 2, paged 32-bit 8."""
+def optimizer_state_bytes(optim: str, param_bytes: int = 4) -> float:
+    """HF `optim` name -> state bytes per param: adamw_torch 8, adamw_8bit / paged_adamw_8bit 2, paged 32-bit 8.
+
+    torch's optimizers keep their states in the parameter's dtype: 16-bit parameters (a full fine-tune without
+    DeepSpeed) halve them; 8-bit optimizers quantise whatever the parameter is."""
     name = (optim or "adamw_torch").lower()
-    if "lion" in name:
-        return OPTIMIZER_STATE_BYTES["lion_8bit" if "8bit" in name else "lion"]
     if "8bit" in name:
-        return OPTIMIZER_STATE_BYTES["8bit"]
+        return OPTIMIZER_STATE_BYTES["lion_8bit" if "lion" in name else "8bit"]
+    scale = param_bytes / 4
+    if "lion" in name:
+        return OPTIMIZER_STATE_BYTES["lion"] * scale
     for key in ("adafactor", "sgd", "rmsprop", "adagrad", "adam"):
         if key in name:
-            return OPTIMIZER_STATE_BYTES[key]
-    return OPTIMIZER_STATE_BYTES["adamw"]  # unknown names: assume Adam-like, the common worst case
+            return OPTIMIZER_STATE_BYTES[key] * scale
+    return OPTIMIZER_STATE_BYTES["adamw"] * scale  # unknown names: assume Adam-like, the common worst case
+
+
+def load_dtype(model_dtype: str, precision: str, full_single_process: bool) -> str:
+    """The dtype a trained model loads in (recipes/builder.py loads it so): `model.dtype`, or "auto" = the plan's
+    precision. A full fine-tune in one process without DeepSpeed trains the weights in that dtype, as torchtune's
+    single-device recipes do in bf16; fp16 weights cannot train that way (HF's grad scaler refuses fp16 gradients),
+    so they load in fp32 and autocast computes in fp16."""
+    dtype = model_dtype if model_dtype not in (None, "auto") else \
+        {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    if dtype == "float16" and full_single_process:
+        return "float32"
+    return dtype
 
 
 def lora_modules(shape: ModelShape, targets: Union[str, list, tuple, None]) -> dict[str, tuple[int, int]]:
@@ -72,12 +93,13 @@ def lora_params(shape: ModelShape, r: int, targets) -> int:
 def frozen_weight_bytes(shape: ModelShape, params: int, element_bytes: int, quantized: bool) -> float:
     """Frozen base weights: 16-bit (or fp32 on CPU), or NF4 for the block linears under QLoRA.
 
-    QLoRA leaves embeddings, lm_head and norms in 16-bit; only the decoder blocks' linears are 4-bit.
+    Only the decoder blocks' linears are 4-bit; PEFT's prepare_model_for_kbit_training (which QLoRA runs) upcasts
+    the rest (embeddings, lm_head, norms) to fp32.
     """
     if not quantized:
         return params * element_bytes
     linear = shape.layers * shape.linear_params_per_layer
-    return linear * NF4_DOUBLE_QUANT_BYTES + (params - linear) * element_bytes
+    return linear * NF4_DOUBLE_QUANT_BYTES + (params - linear) * 4
 
 
 @dataclass
@@ -100,18 +122,20 @@ class ModelStates:
 
 def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_bytes: float, zero_stage: int,
                  dp: int, offload_optimizer: bool = False, offload_param: bool = False,
-                 largest_layer: int = 0, deepspeed: bool = True) -> ModelStates:
+                 largest_layer: int = 0, deepspeed: bool = True, param_bytes: int = 4) -> ModelStates:
     """ZeRO partitioning of one model over `dp` data-parallel ranks.
 
     stage 1 splits master weights + optimizer states, stage 2 also gradients, stage 3 also the 16-bit weights
     (frozen ones too, as TRL's prepare_deepspeed does with frozen models under ZeRO-3).
-    `deepspeed=False` is a single process under torch autocast: trainable weights and grads in fp32, no separate
-    master copy (what PEFT does with adapters too: it keeps them fp32 over a 16-bit base).
+    `deepspeed=False` is a single process under torch autocast: trainable weights and grads in `param_bytes` (4 for
+    PEFT's adapters, which it keeps fp32 over a 16-bit base; the load dtype for a full fine-tune), no master copy;
+    `state_bytes` is then already for that dtype (`optimizer_state_bytes(optim, param_bytes)`).
     """
     e = ELEMENT_BYTES[precision]
     mixed = e == 2
     if not deepspeed:
-        return ModelStates(trainable * 4 + frozen_bytes, trainable * 4, trainable * state_bytes, 0.0)
+        return ModelStates(trainable * param_bytes + frozen_bytes, trainable * param_bytes, trainable * state_bytes,
+                           0.0)
     weight16 = trainable * e
     # Mixed precision keeps 16-bit grads (not under ZeRO-3: reduce-scattered straight into fp32) + fp32 grads.
     grads = trainable * ((0 if zero_stage == 3 else 2) + 4) if mixed else trainable * 4
@@ -142,29 +166,66 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
 
 def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, checkpointing: bool,
                      precision: str = "bf16", attention: str = "sdpa", lora_r: int = 0, lora_targets=None,
-                     sequences: int = 1) -> float:
-    """Activations kept for backward across the whole model, for one micro-batch (`sequences` per example)."""
+                     sequences: int = 1, lora_dropout: float = 0.0, device: str = "cuda",
+                     trainable_base: bool = False, quantized: bool = False) -> float:
+    """Activations kept for backward across the whole model, for one micro-batch (`sequences` per example).
+
+    Per block and token, what autograd saves (listed with saved-tensor hooks on HF Llama/Qwen2 blocks):
+    - the two RMSNorms' fp32 upcasts of their input (4 B each, whatever the precision);
+    - attention: q, the SDPA output, k, v (16-bit under autocast; eager adds the s² score matrices);
+    - the gated MLP's gate output, act(gate) and up output (one GELU input for an encoder's MLP), in the dtype of
+      the residual stream: fp32 under QLoRA, whose prepare_model_for_kbit_training upcasts embeddings and norms to
+      fp32 and whose 4-bit layers return outputs in their input's dtype; 16-bit otherwise;
+    - with trainable base weights (full fine-tuning) also every linear's input for its weight gradient: the norms'
+      16-bit product inputs and outputs, o_proj's and down_proj's inputs (frozen linears keep none);
+    - LoRA: each wrapped layer's input cast to 16-bit (for A's gradient), A's output, and with dropout the mask:
+      a bool per element on CUDA (fused dropout), a float noise tensor of PEFT's fp32 upcast on CPU.
+    Full recompute keeps each block's input plus one block's activations. Outside the blocks: the embedding output,
+    the final norm's upcast and the lm_head input (logits: `logits_bytes`).
+    """
     e = ELEMENT_BYTES[precision]
+    stream = 4 if quantized else e
     h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
     gated = shape.arch == "decoder"
-    per_token = e * (4 * h + 3 * q + 3 * kv + (4 * i if gated else 2 * i))
+    per_token = 2 * 4 * h + e * (2 * q + 2 * kv) + stream * (3 * i if gated else i)
+    if trainable_base:
+        per_token += e * (4 * h + q + i)
     if attention == "eager":
         per_token += 5 * shape.heads * seq_len * e / 2  # scores, softmax, dropout mask (Korthikanti's 5as/h)
     if lora_r:
-        per_token += e * sum(fan_in + lora_r for fan_in, _ in lora_modules(shape, lora_targets).values())
+        modules = lora_modules(shape, lora_targets)
+        fan_ins = sum(fan_in for fan_in, _ in modules.values())
+        per_token += e * (fan_ins + lora_r * len(modules))
+        if lora_dropout > 0:
+            per_token += fan_ins * (1 if device == "cuda" else 4)
     tokens = seq_len * micro_batch * sequences
-    layer = per_token * tokens
+    outside = 3 * stream * h * tokens
     if checkpointing:
-        return shape.layers * e * h * tokens + layer  # layer inputs + one layer being recomputed
-    return shape.layers * layer + 3 * e * h * tokens  # + embedding output and final norm
+        return shape.layers * stream * h * tokens + per_token * tokens + outside
+    return shape.layers * per_token * tokens + outside
 
 
 def logits_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, precision: str = "bf16",
-                 sequences: int = 1, lm_head: bool = True) -> float:
-    """lm_head output + fp32 upcast for the loss + fp32 grad; nothing for classification heads."""
+                 sequences: int = 1, lm_head: bool = True, chunk_tokens: int = 0,
+                 head_bytes: Optional[int] = None) -> float:
+    """lm_head output + fp32 upcast for the loss + fp32 grad; nothing for classification heads.
+
+    `chunk_tokens` (TRL SFTTrainer's chunked_nll): no b·s·V tensor ever exists. Each chunk runs
+    `h.float() @ w.float().t()` under checkpointing, so the forward holds an fp32 copy of a 16-bit lm_head weight
+    (`head_bytes`, default the precision's; QLoRA's head is fp32 already, 4) and, under 16-bit autocast, the 16-bit copy the matmul casts
+    it to, plus one chunk's logits; a chunk's recompute and backward hold the 16-bit weight copy and ~12 B per chunk
+    logit (16 B in fp32: logits, log-probs, entropy, grads). The peak is the larger of the two; at least one whole
+    chunk runs (TRL pads the count up to a multiple).
+    """
     if not lm_head:
         return 0.0
     e = ELEMENT_BYTES[precision]
+    if chunk_tokens:
+        chunk = chunk_tokens * shape.vocab
+        weight = shape.vocab * shape.hidden
+        cast16 = weight * e if e == 2 else 0  # autocast's 16-bit copy for the matmul
+        upcast = weight * 4 if (head_bytes or e) == 2 else 0  # w.float() of a 16-bit weight
+        return max(upcast + cast16 + chunk * e, cast16 + (12 if e == 2 else 16) * chunk)
     per_element = e + 4 + 4 if e == 2 else 8
     return seq_len * micro_batch * sequences * shape.vocab * per_element
 

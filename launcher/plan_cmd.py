@@ -70,8 +70,12 @@ def build_plan(args):
                             ("--lora-r", args.lora_r)):
             if value < 1:
                 raise UserError(f"{name}: must be positive, got {value}")
+        from launcher.memory import SFT_LOSS_CHUNK_TOKENS
+
+        # what `ftlaunch run` does with these methods: TRL's SFTTrainer, chunked loss
         request = PlanRequest(shape=resolve_shape(args.model), method=args.method, seq_len=args.seq_len,
-                              global_batch_size=args.global_batch, lora_r=args.lora_r, optimizer=args.optim, **pins)
+                              global_batch_size=args.global_batch, lora_r=args.lora_r, optimizer=args.optim,
+                              loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS, **pins)
         spec = args.inventory
         clipping = 1.0
     inventory = detect_inventory(spec)

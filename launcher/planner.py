@@ -52,6 +52,9 @@ class PlanRequest:
     memory_fraction: float = 0.9
     attention: str = "sdpa"  # 'sdpa' (also flash) | 'eager'
     extra_models: list = field(default_factory=list)
+    lora_dropout: float = 0.0
+    loss_chunk_tokens: int = 0  # TRL SFTTrainer's chunked_nll (mem.SFT_LOSS_CHUNK_TOKENS); 0 = whole logits
+    weight_dtype: str = "auto"  # model.dtype: what a full fine-tune in one process trains in ("auto" = precision)
     sequences_per_example: int = 1  # 2 for preference pairs (DPO, reward modelling)
     generates: bool = False  # PPO/GRPO rollouts keep a KV cache
     lm_head: bool = True  # False for sequence-classification heads: no vocab-sized logits
@@ -229,8 +232,13 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
     activations = ctx.cache[akey]
     fixed = mem.runtime_bytes(device=inv.device, zero_stage=stage, hidden=ctx.shape.hidden,
                               precision=ctx.precision, dp=ctx.dp)
-    dynamic = states.gpu + activations
-    parts = {"weights": int(states.weights), "gradients": int(states.gradients), "optimizer": int(states.optimizer),
+    gradients = states.gradients
+    if _single_process(ctx, stage, offload) and ctx.per_rank_batch == micro:
+        # No DeepSpeed, no accumulation: HF frees the gradients after each step (zero_grad, set_to_none) and backward
+        # makes them as it frees activations; only the lm_head's, the first it makes, meets all of them.
+        gradients = max(_head_gradient_bytes(ctx), gradients - activations)
+    dynamic = states.weights + gradients + states.optimizer + activations
+    parts = {"weights": int(states.weights), "gradients": int(gradients), "optimizer": int(states.optimizer),
              "activations": int(activations), "other": int(fixed + mem.FRAGMENTATION * dynamic)}
     parts["total"] = sum(parts.values())
     host = mem.host_bytes_per_node(ranks_per_node=inv.ranks_per_node, offloaded_per_rank=host_per_rank,
@@ -241,15 +249,36 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
                    parts["total"] <= ctx.usable, host_ok)
 
 
+def _single_process(ctx: _Context, stage: int, offload: str) -> bool:
+    """One rank, no ZeRO, no offload: `python launcher/run.py` without DeepSpeed, plain torch autocast."""
+    return ctx.dp == 1 and stage == 0 and offload == "none"
+
+
+def _load_bytes(ctx: _Context, full_single_process: bool) -> int:
+    """Bytes per weight as loaded (mem.load_dtype); for a full fine-tune in one process, also as trained."""
+    dtype = mem.load_dtype(ctx.request.weight_dtype, ctx.precision, full_single_process=full_single_process)
+    return {"bfloat16": 2, "float16": 2}.get(dtype, 4)
+
+
+def _head_gradient_bytes(ctx: _Context) -> float:
+    policy = ctx.models[0]
+    if policy.is_lora or not policy.trainable or not ctx.request.lm_head:
+        return 0.0
+    return policy.shape.vocab * policy.shape.hidden * _load_bytes(ctx, True)
+
+
 def _states(ctx: _Context, stage: int, offload: str, hpz: bool):
     total = mem.ModelStates()
     per_model = {}
-    # One rank, no ZeRO, no offload: `python launcher/run.py` without DeepSpeed, plain torch autocast.
-    single_process = ctx.dp == 1 and stage == 0 and offload == "none"
+    single_process = _single_process(ctx, stage, offload)
     load = 0.0
     for m in ctx.models:
+        param_bytes, state_bytes = 4, ctx.state_bytes  # adapters and DeepSpeed's masters: fp32
+        if single_process and not m.is_lora and m.trainable:
+            param_bytes = _load_bytes(ctx, True)
+            state_bytes = mem.optimizer_state_bytes(ctx.request.optimizer, param_bytes)
         s = mem.model_states(trainable=m.trainable, frozen_bytes=m.frozen_bytes, precision=ctx.precision,
-                             state_bytes=ctx.state_bytes, zero_stage=stage, dp=ctx.dp,
+                             state_bytes=state_bytes, param_bytes=param_bytes, zero_stage=stage, dp=ctx.dp,
                              offload_optimizer=offload != "none", offload_param=offload == "all",
                              largest_layer=m.shape.largest_layer_params if stage == 3 else 0,
                              deepspeed=not single_process)
@@ -284,9 +313,13 @@ def _activations(ctx: _Context, checkpointing: bool, micro: int) -> float:
         lora_r = req.lora_r if (policy and m.is_lora and req.trainable_params is None) else 0
         act = mem.activation_bytes(m.shape, seq_len=req.seq_len, micro_batch=micro, checkpointing=checkpointing,
                                    precision=ctx.precision, attention=req.attention, lora_r=lora_r,
-                                   lora_targets=req.lora_targets, sequences=req.sequences_per_example)
+                                   lora_targets=req.lora_targets, sequences=req.sequences_per_example,
+                                   lora_dropout=req.lora_dropout if lora_r else 0.0, device=ctx.inventory.device,
+                                   trainable_base=not m.is_lora, quantized=m.quantized)
+        head = 4 if m.quantized else _load_bytes(ctx, not m.is_lora and ctx.dp == 1)  # QLoRA upcasts it
         act += mem.logits_bytes(m.shape, seq_len=req.seq_len, micro_batch=micro, precision=ctx.precision,
-                                sequences=req.sequences_per_example, lm_head=req.lm_head and policy)
+                                sequences=req.sequences_per_example, lm_head=req.lm_head and policy,
+                                chunk_tokens=req.loss_chunk_tokens if policy else 0, head_bytes=head)
         peak = max(peak, act)  # several trainable models train one after another (PPO: policy, then value)
     if req.generates:
         peak = max(peak, mem.kv_cache_bytes(ctx.shape, seq_len=req.seq_len, micro_batch=micro,

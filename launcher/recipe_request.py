@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from launcher.errors import UserError
+from launcher.memory import SFT_LOSS_CHUNK_TOKENS
 from launcher.planner import ExtraModel, PlanRequest
 from launcher.shapes import ModelShape, resolve_shape
 
@@ -27,13 +28,19 @@ def request_from_recipe(cfg) -> PlanRequest:
         notes.append(f"{peft_method}: {trainable} trainable parameters")
     plan_cfg = cfg.plan
     attention = "eager" if (getattr(cfg.model, "attn_implementation", None) or "sdpa") == "eager" else "sdpa"
+    training = cfg.training or {}
+    # TRL's SFTTrainer computes the LM loss in token chunks unless told otherwise (loss_type, or Liger's own loss)
+    chunked = cfg.method in ("sft", "qlora") and not training.get("use_liger_kernel") and \
+        training.get("loss_type", "chunked_nll") in (None, "chunked_nll")
     request = PlanRequest(
         shape=shape, method=method, seq_len=cfg.data.max_length, global_batch_size=plan_cfg.global_batch_size,
         lora_r=cfg.peft.r, lora_targets=cfg.peft.target_modules, trainable_params=trainable,
-        optimizer=(cfg.training or {}).get("optim") or "adamw_torch", zero_stage=plan_cfg.zero_stage,
+        optimizer=training.get("optim") or "adamw_torch", zero_stage=plan_cfg.zero_stage,
         offload=plan_cfg.offload, micro_batch_size=plan_cfg.micro_batch_size,
         gradient_checkpointing=plan_cfg.gradient_checkpointing, memory_fraction=plan_cfg.memory_fraction,
-        attention=attention, sequences_per_example=2 if cfg.method in ("dpo", "rm") else 1,
+        attention=attention, lora_dropout=float(cfg.peft.dropout or 0.0) if method != "full" else 0.0,
+        loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS if chunked else 0, weight_dtype=cfg.model.dtype or "auto",
+        sequences_per_example=2 if cfg.method in ("dpo", "rm") else 1,
         generates=cfg.method in ("ppo", "grpo"), lm_head=cfg.method not in ("rm", "classify"), notes=notes)
     reference = ExtraModel("reference", shape, trainable=False, quantized=method == "qlora")
     if cfg.method == "dpo":

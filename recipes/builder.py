@@ -100,12 +100,15 @@ def load_tokenizer(cfg, path: str, padding_side: str = "right"):
     return tokenizer
 
 
-def torch_dtype(cfg, plan):
+def torch_dtype(cfg, plan, trained_full: bool = False):
+    """`model.dtype`, or the plan's precision for "auto"; `trained_full`: the weights themselves train (a full
+    fine-tune), which in one process without DeepSpeed cannot be fp16 (the planner's `load_dtype` rule)."""
     import torch
 
-    if cfg.model.dtype != "auto":
-        return getattr(torch, cfg.model.dtype)
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision, torch.float32)
+    from launcher.memory import load_dtype
+
+    single = trained_full and plan.world_size == 1 and plan.zero_stage == 0 and not plan.offload_optimizer
+    return getattr(torch, load_dtype(cfg.model.dtype, plan.precision, full_single_process=single))
 
 
 def quantization_config(cfg, plan):
@@ -130,7 +133,8 @@ def load_model(cfg, plan, path: str, auto_class=None, **kwargs):
     quant = quantization_config(cfg, plan)
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     with loading("model.name", cfg.model.name):
-        model = from_pretrained(auto_class, path, quant, dtype=torch_dtype(cfg, plan),
+        model = from_pretrained(auto_class, path, quant,
+                                dtype=torch_dtype(cfg, plan, trained_full=cfg.peft.method == "none" and quant is None),
                                 trust_remote_code=cfg.model.trust_remote_code, **extra, **kwargs)
     if quant is not None:
         from peft import prepare_model_for_kbit_training

@@ -67,7 +67,12 @@ SCENARIOS = [
      lambda p: fits_on_gpu_alone(p) and p.zero_stage == 0),
     ("full-7b-3090-never-gpu-alone", "meta-llama/Llama-2-7b-hf", "full", "1xRTX3090-24GB", 2048, 16, {},
      refused_or_offloaded),
-    ("full-7b-a100-80-single", "llama-2-7b", "full", "1xA100-80GB", 2048, 16, {}, refused_or_offloaded),
+    # one process, no DeepSpeed: the bf16 weights train as they are (2 + 2 + 4 B/param with AdamW), which fits;
+    # fp32 weights (16 B/param) do not without offload
+    ("full-7b-a100-80-single", "llama-2-7b", "full", "1xA100-80GB", 2048, 16, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage == 0 and any("in bfloat16" in r for r in p.reasons)),
+    ("full-7b-a100-80-single-fp32", "llama-2-7b", "full", "1xA100-80GB", 2048, 16, {"weight_dtype": "float32"},
+     refused_or_offloaded),
     ("full-7b-8xa100-80", "llama-2-7b", "full", "8xA100-80GB", 2048, 64, {},
      lambda p: fits_on_gpu_alone(p) and p.zero_stage >= 2),
     ("full-7b-8xa100-40-zero3", "llama-2-7b", "full", "8xA100-40GB", 2048, 64, {},
@@ -82,7 +87,7 @@ SCENARIOS = [
      lambda p: fits_on_gpu_alone(p) and p.zero_stage == 3),
     ("full-70b-8xa100-80-short", "llama-2-70b", "full", "8xA100-80GB", 2048, 64, {}, refused_or_offloaded),
     ("full-72b-4x8xh100-zero3", "qwen2.5-72b", "full", "4x8xH100-80GB", 4096, 128, {},
-     lambda p: fits_on_gpu_alone(p) and p.zero_stage == 3),
+     lambda p: p.fits and p.zero_stage == 3),  # with or without optimizer offload: the cost model's call
     ("full-405b-64x8xh100", "llama-3.1-405b", "full", "64x8xH100-80GB", 2048, 1024, {},
      lambda p: p.fits and p.zero_stage == 3 and p.nodes == 64),
     ("full-0.5b-4090", "qwen2.5-0.5b", "full", "1xRTX4090", 2048, 16, {},
@@ -91,7 +96,10 @@ SCENARIOS = [
      lambda p: p.fits and p.precision == "fp16"),
     ("full-1.5b-2x4090", "qwen2.5-1.5b", "full", "2xRTX4090", 2048, 16, {},
      lambda p: fits_on_gpu_alone(p) and p.zero_stage >= 1),
-    ("full-smol1.7b-3090", "smollm2-1.7b", "full", "1xRTX3090-24GB", 2048, 16, {}, refused_or_offloaded),
+    ("full-smol1.7b-3090", "smollm2-1.7b", "full", "1xRTX3090-24GB", 2048, 16, {},
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage == 0),  # bf16 weights as loaded: 8 B/param
+    ("full-smol1.7b-3090-fp32", "smollm2-1.7b", "full", "1xRTX3090-24GB", 2048, 16, {"weight_dtype": "float32"},
+     refused_or_offloaded),
     ("full-8b-seq64k-refused", "meta-llama/Meta-Llama-3-8B", "full", "8xH100-80GB", 65536, 8, {},
      lambda p: not p.fits and "seq_len" in p.reason),
     ("full-3b-h100", "qwen2.5-3b", "full", "1xH100", 2048, 16, {}, fits_on_gpu_alone),
@@ -302,10 +310,11 @@ def test_weight_bytes_by_storage():
     assert mem.frozen_weight_bytes(shape, n, 4, False) == 4 * n
     assert mem.frozen_weight_bytes(shape, n, 2, False) == 2 * n
     nf4 = mem.frozen_weight_bytes(shape, n, 2, True)
-    # NF4 + double quant on the block linears, embeddings and lm_head stay 16-bit
+    # NF4 + double quant on the block linears; prepare_model_for_kbit_training upcasts embeddings, lm_head and
+    # norms to fp32
     assert nf4 == pytest.approx(shape.layers * shape.linear_params_per_layer * 0.516
-                                + (n - shape.layers * shape.linear_params_per_layer) * 2)
-    assert 3.5 * GiB < nf4 < 4.0 * GiB
+                                + (n - shape.layers * shape.linear_params_per_layer) * 4)
+    assert 4.0 * GiB < nf4 < 4.5 * GiB
 
 
 def test_optimizer_state_bytes():
@@ -345,13 +354,60 @@ def _cfg(method="sft", name="meta-llama/Llama-2-7b-hf", peft="none", load_in_4bi
     plan_cfg = dict(global_batch_size=16, zero_stage=None, offload=None, micro_batch_size=None,
                     gradient_checkpointing=None, memory_fraction=0.9, inventory=None)
     plan_cfg.update(plan_kw)
-    cfg = ns(method=method, model=ns(name=name, tiny=None, attn_implementation="sdpa"),
-             peft=ns(method=peft, r=16, target_modules="all-linear", num_virtual_tokens=16),
+    cfg = ns(method=method, model=ns(name=name, tiny=None, attn_implementation="sdpa", dtype="auto"),
+             peft=ns(method=peft, r=16, target_modules="all-linear", num_virtual_tokens=16, dropout=0.05),
              quant=ns(load_in_4bit=load_in_4bit), data=ns(max_length=1024), plan=ns(**plan_cfg),
              training={"optim": "paged_adamw_8bit"})
     for key, value in (extra or {}).items():
         setattr(cfg, key, ns(**value))
     return cfg
+
+
+def test_chunked_loss_logits_do_not_grow_with_the_batch():
+    """TRL's chunked_nll never holds b x s x V logits: the term is set by the chunk and the lm_head weight copies."""
+    shape = resolve_shape("qwen2.5-0.5b")
+    whole = [mem.logits_bytes(shape, seq_len=2048, micro_batch=b) for b in (1, 8)]
+    chunked = [mem.logits_bytes(shape, seq_len=2048, micro_batch=b, chunk_tokens=256) for b in (1, 8)]
+    assert whole[1] == 8 * whole[0] and chunked[0] == chunked[1] < whole[0] / 3
+    # bf16 forward: fp32 + bf16 copies of the V x h weight and one chunk's bf16 logits
+    v, h = shape.vocab, shape.hidden
+    assert chunked[0] == max(v * h * 6 + 256 * v * 2, v * h * 2 + 12 * 256 * v)
+    assert mem.logits_bytes(shape, seq_len=64, micro_batch=1, precision="fp32", chunk_tokens=256) == 16 * 256 * v
+
+
+def test_single_process_full_finetune_trains_in_the_load_dtype():
+    """No DeepSpeed, one process: HF trains the weights as loaded, so bf16 weights mean bf16 grads and AdamW states
+    (2 + 2 + 4 B/param); fp16 weights load as fp32 (the grad scaler refuses fp16 gradients); DeepSpeed keeps masters."""
+    shape = resolve_shape("qwen2.5-0.5b")
+    n = shape.num_params
+    one = parse_spec("1xA100-80GB")
+    for dtype, per_param in (("auto", 6), ("bfloat16", 6), ("float32", 12)):  # weights + AdamW states
+        parts = plan(PlanRequest(method="full", seq_len=512, global_batch_size=1, zero_stage=0, offload="none",
+                                 weight_dtype=dtype), one, shape).per_gpu_bytes
+        assert parts["weights"] + parts["optimizer"] == pytest.approx(per_param * n, rel=1e-6)
+        # gradients are freed after each step and made as backward frees activations: at the peak, the lm_head's
+        # (the first backward makes) or the rest beyond the activations
+        head = shape.vocab * shape.hidden * per_param / 3
+        assert parts["gradients"] == int(max(head, per_param / 3 * n - parts["activations"]))
+    accumulating = plan(PlanRequest(method="full", seq_len=512, global_batch_size=2, zero_stage=0, offload="none",
+                                    micro_batch_size=1), one, shape).per_gpu_bytes
+    assert accumulating["gradients"] == 2 * n  # kept across micro-batches
+    assert mem.load_dtype("auto", "fp16", full_single_process=True) == "float32"
+    assert mem.load_dtype("auto", "fp16", full_single_process=False) == "float16"
+    assert mem.optimizer_state_bytes("paged_adamw_8bit", 2) == 2.0 and mem.optimizer_state_bytes("adamw_torch", 2) == 4
+    ds = plan(PlanRequest(method="full", seq_len=512, global_batch_size=2, zero_stage=2), parse_spec("2xA100-80GB"),
+              shape).per_gpu_bytes  # DeepSpeed: bf16 weights + fp32 masters, grads and Adam states, partitioned
+    assert ds["weights"] == pytest.approx(2 * n, rel=1e-6)
+
+
+def test_lora_dropout_masks_per_device():
+    shape = resolve_shape("llama-2-7b")
+    kw = dict(seq_len=1024, micro_batch=1, checkpointing=False, lora_r=16, lora_targets="all-linear")
+    plain = mem.activation_bytes(shape, **kw)
+    fan_ins = sum(i for i, _ in mem.lora_modules(shape, "all-linear").values())
+    per_mask_byte = shape.layers * 1024 * fan_ins
+    assert mem.activation_bytes(shape, **kw, lora_dropout=0.05) - plain == per_mask_byte  # CUDA: a bool each
+    assert mem.activation_bytes(shape, **kw, lora_dropout=0.05, device="cpu") - plain == 4 * per_mask_byte
 
 
 def test_request_from_recipe_methods():
@@ -361,6 +417,15 @@ def test_request_from_recipe_methods():
     assert request_from_recipe(_cfg("sft")).method == "full"
     r = request_from_recipe(_cfg("sft", zero_stage=3, offload="optimizer"))
     assert (r.zero_stage, r.offload, r.optimizer, r.seq_len) == (3, "optimizer", "paged_adamw_8bit", 1024)
+    # SFTTrainer's chunked loss unless the recipe picks another loss or Liger; DPO computes whole logits
+    assert request_from_recipe(_cfg("sft")).loss_chunk_tokens == mem.SFT_LOSS_CHUNK_TOKENS
+    nll = _cfg("sft")
+    nll.training["loss_type"] = "nll"
+    assert request_from_recipe(nll).loss_chunk_tokens == 0
+    assert request_from_recipe(_cfg("dpo")).loss_chunk_tokens == 0
+    lora = request_from_recipe(_cfg("sft", peft="lora"))
+    assert (lora.lora_dropout, lora.weight_dtype) == (0.05, "auto")
+    assert request_from_recipe(_cfg("sft")).lora_dropout == 0.0  # full fine-tune: no adapters, no masks
 
 
 def test_request_from_recipe_dpo_and_ppo():
