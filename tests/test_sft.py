@@ -103,3 +103,22 @@ def test_two_rank_deepspeed_zero(recipe, stage, tmp_path):
     weights = "model.safetensors" if recipe == "sft_tiny" else "adapter_model.safetensors"
     assert (out / weights).exists(), "ZeRO-3 gathers 16-bit weights on save: a loadable HF model"
     assert result.stdout.count("ftlaunch summary") == 1, "only rank 0 reports"
+
+
+def test_load_dtype_of_a_one_process_full_finetune():
+    """fp16 weights cannot train without DeepSpeed (HF's grad scaler refuses fp16 gradients): load those in fp32,
+    as the planner predicts; bf16 trains as loaded; adapters, quantised bases and DeepSpeed runs keep 16-bit."""
+    import types
+
+    import torch
+
+    from recipes.builder import torch_dtype
+
+    cfg = types.SimpleNamespace(model=types.SimpleNamespace(dtype="auto"))
+    one = dict(world_size=1, zero_stage=0, offload_optimizer=False)
+    fp16 = types.SimpleNamespace(precision="fp16", **one)
+    assert torch_dtype(cfg, fp16, trained_full=True) == torch.float32
+    assert torch_dtype(cfg, fp16) == torch.float16  # frozen bases, evaluation loads
+    assert torch_dtype(cfg, types.SimpleNamespace(precision="bf16", **one), trained_full=True) == torch.bfloat16
+    zero2 = types.SimpleNamespace(precision="fp16", world_size=2, zero_stage=2, offload_optimizer=False)
+    assert torch_dtype(cfg, zero2, trained_full=True) == torch.float16  # DeepSpeed keeps fp32 masters itself
