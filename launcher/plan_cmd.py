@@ -27,6 +27,8 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--gradient-checkpointing", choices=["on", "off"])
     p.add_argument("--memory-fraction", type=float)
+    p.add_argument("--deepspeed", action="store_true",
+                   help="plan a launched run (deepspeed/torchrun/srun): the DeepSpeed engine runs even on one GPU")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--ds-config", action="store_true", help="also print the DeepSpeed JSON")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -78,6 +80,7 @@ def build_plan(args):
                               loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS, **pins)
         spec = args.inventory
         clipping = 1.0
+    request.deepspeed = args.deepspeed
     inventory = detect_inventory(spec)
     return plan(request, inventory), inventory, clipping
 

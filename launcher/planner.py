@@ -55,6 +55,7 @@ class PlanRequest:
     lora_dropout: float = 0.0
     loss_chunk_tokens: int = 0  # TRL SFTTrainer's chunked_nll (mem.SFT_LOSS_CHUNK_TOKENS); 0 = whole logits
     weight_dtype: str = "auto"  # model.dtype: what a full fine-tune in one process trains in ("auto" = precision)
+    deepspeed: bool = False  # a launcher started the run: DeepSpeed's engine trains it even on one rank at ZeRO-0
     sequences_per_example: int = 1  # 2 for preference pairs (DPO, reward modelling)
     generates: bool = False  # PPO/GRPO rollouts keep a KV cache
     lm_head: bool = True  # False for sequence-classification heads: no vocab-sized logits
@@ -93,6 +94,7 @@ class Plan:
     rejected: list = field(default_factory=list)
     bucket_elements: int = 0
     hidden_size: int = 0
+    single_process: bool = False  # one plain process, no DeepSpeed engine: HF + torch autocast alone
 
     @property
     def offload(self) -> str:
@@ -250,8 +252,8 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
 
 
 def _single_process(ctx: _Context, stage: int, offload: str) -> bool:
-    """One rank, no ZeRO, no offload: `python launcher/run.py` without DeepSpeed, plain torch autocast."""
-    return ctx.dp == 1 and stage == 0 and offload == "none"
+    """One rank, no ZeRO, no offload, no launcher: `ftlaunch run` without DeepSpeed, plain torch autocast."""
+    return not ctx.request.deepspeed and ctx.dp == 1 and stage == 0 and offload == "none"
 
 
 def _load_bytes(ctx: _Context, full_single_process: bool) -> int:
@@ -449,7 +451,8 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
         predicted_step_seconds=round(chosen.seconds, 4) if best is not None else None,
         model={"name": shape.name, "params": shape.num_params, "trainable_params": ctx.models[0].trainable,
                "optimizer": request.optimizer, "inventory": inv.describe()},
-        models=chosen.models, bucket_elements=mem.bucket_elements(shape.hidden), hidden_size=shape.hidden)
+        models=chosen.models, bucket_elements=mem.bucket_elements(shape.hidden), hidden_size=shape.hidden,
+        single_process=_single_process(ctx, chosen.stage, chosen.offload))
     reasons = list(request.notes) + list(inv.notes) + [precision_reason]
     reasons.append(f"usable memory per {explain.unit(ctx)}: {request.memory_fraction:g} x {mem.fmt_bytes(ctx.capacity)}"
                    f" = {mem.fmt_bytes(ctx.usable)}")

@@ -78,7 +78,9 @@ def make_plan(cfg, env: DistEnv):
     env_vars = dict(os.environ) if env.launched else {**os.environ, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
     inventory = detect_inventory(spec=None, env=env_vars)
     shape = resolve_shape(cfg.model.name, cfg.model.tiny)
-    plan = plan_memory(request_from_recipe(cfg), inventory, shape)
+    request = request_from_recipe(cfg)
+    request.deepspeed = env.launched  # the engine (with its fp32 masters) runs even on one rank
+    plan = plan_memory(request, inventory, shape)
     if not plan.fits:
         raise PlanDoesNotFit(plan.reason)
     return plan

@@ -107,7 +107,7 @@ def torch_dtype(cfg, plan, trained_full: bool = False):
 
     from launcher.memory import load_dtype
 
-    single = trained_full and plan.world_size == 1 and plan.zero_stage == 0 and not plan.offload_optimizer
+    single = trained_full and plan.single_process
     return getattr(torch, load_dtype(cfg.model.dtype, plan.precision, full_single_process=single))
 
 

@@ -389,9 +389,17 @@ def test_single_process_full_finetune_trains_in_the_load_dtype():
         # (the first backward makes) or the rest beyond the activations
         head = shape.vocab * shape.hidden * per_param / 3
         assert parts["gradients"] == int(max(head, per_param / 3 * n - parts["activations"]))
+    # under a launcher DeepSpeed's engine runs even on one GPU at ZeRO-0: bf16 weights and grads, fp32 masters,
+    # fp32 grads and Adam states (2 + 6 + 12 B/param), all of it kept
+    launched = plan(PlanRequest(method="full", seq_len=512, global_batch_size=1, zero_stage=0, offload="none",
+                                deepspeed=True), one, shape)
+    parts = launched.per_gpu_bytes
+    assert parts["weights"] + parts["gradients"] + parts["optimizer"] == pytest.approx(20 * n, rel=1e-6)
+    assert not launched.single_process
     accumulating = plan(PlanRequest(method="full", seq_len=512, global_batch_size=2, zero_stage=0, offload="none",
                                     micro_batch_size=1), one, shape).per_gpu_bytes
     assert accumulating["gradients"] == 2 * n  # kept across micro-batches
+    assert plan(PlanRequest(method="full", seq_len=512, global_batch_size=1), one, shape).single_process
     assert mem.load_dtype("auto", "fp16", full_single_process=True) == "float32"
     assert mem.load_dtype("auto", "fp16", full_single_process=False) == "float16"
     assert mem.optimizer_state_bytes("paged_adamw_8bit", 2) == 2.0 and mem.optimizer_state_bytes("adamw_torch", 2) == 4

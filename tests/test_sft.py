@@ -115,10 +115,10 @@ def test_load_dtype_of_a_one_process_full_finetune():
     from recipes.builder import torch_dtype
 
     cfg = types.SimpleNamespace(model=types.SimpleNamespace(dtype="auto"))
-    one = dict(world_size=1, zero_stage=0, offload_optimizer=False)
-    fp16 = types.SimpleNamespace(precision="fp16", **one)
+    fp16 = types.SimpleNamespace(precision="fp16", single_process=True)
     assert torch_dtype(cfg, fp16, trained_full=True) == torch.float32
     assert torch_dtype(cfg, fp16) == torch.float16  # frozen bases, evaluation loads
-    assert torch_dtype(cfg, types.SimpleNamespace(precision="bf16", **one), trained_full=True) == torch.bfloat16
-    zero2 = types.SimpleNamespace(precision="fp16", world_size=2, zero_stage=2, offload_optimizer=False)
-    assert torch_dtype(cfg, zero2, trained_full=True) == torch.float16  # DeepSpeed keeps fp32 masters itself
+    bf16 = types.SimpleNamespace(precision="bf16", single_process=True)
+    assert torch_dtype(cfg, bf16, trained_full=True) == torch.bfloat16
+    engine = types.SimpleNamespace(precision="fp16", single_process=False)
+    assert torch_dtype(cfg, engine, trained_full=True) == torch.float16  # DeepSpeed keeps fp32 masters itself
