@@ -6,7 +6,7 @@ when its predicted peak per rank <= memory_fraction x capacity (and, with offloa
 offloaded states). Among those that fit, the lowest predicted step time wins (launcher/cost.py).
 
 Explanations of the choice, rejections and "what would fit" suggestions: launcher/plan_explain.py. From a recipe to a
-PlanRequest: launcher/recipe_request.py.
+PlanRequest: launcher/recipe_request.py. The request and plan types: launcher/plan_types.py.
 """
 from __future__ import annotations
 
@@ -18,94 +18,12 @@ from launcher.errors import UserError
 from launcher import plan_explain as explain
 from launcher.cost import step_seconds
 from launcher.inventory import Inventory
+from launcher.plan_types import ExtraModel, Plan, PlanRequest  # noqa: F401  (re-exported: callers import them here)
 from launcher.shapes import ModelShape
 
 GiB = mem.GiB
 METHODS = ("full", "lora", "qlora")
 OFFLOADS = ("none", "optimizer", "all")
-
-
-@dataclass
-class ExtraModel:
-    """Another model the recipe holds (PPO: reference, reward, value; DPO: reference)."""
-
-    role: str  # 'reference' | 'reward' | 'value'
-    shape: ModelShape
-    trainable: bool = False
-    quantized: bool = False
-
-
-@dataclass
-class PlanRequest:
-    shape: Optional[ModelShape] = None
-    method: str = "full"  # 'full' | 'lora' | 'qlora'
-    seq_len: int = 2048
-    global_batch_size: int = 16
-    lora_r: int = 16
-    lora_targets: object = "all-linear"
-    trainable_params: Optional[int] = None  # overrides the LoRA count (prompt / prefix tuning)
-    optimizer: str = "adamw_torch"  # HF `optim` name
-    zero_stage: Optional[int] = None  # pins; None = search
-    offload: Optional[str] = None
-    micro_batch_size: Optional[int] = None
-    gradient_checkpointing: Optional[bool] = None
-    memory_fraction: float = 0.9
-    attention: str = "sdpa"  # 'sdpa' (also flash) | 'eager'
-    extra_models: list = field(default_factory=list)
-    lora_dropout: float = 0.0
-    loss_chunk_tokens: int = 0  # TRL SFTTrainer's chunked_nll (mem.SFT_LOSS_CHUNK_TOKENS); 0 = whole logits
-    weight_dtype: str = "auto"  # model.dtype: what a full fine-tune in one process trains in ("auto" = precision)
-    deepspeed: bool = False  # a launcher started the run: DeepSpeed's engine trains it even on one rank at ZeRO-0
-    sequences_per_example: int = 1  # 2 for preference pairs (DPO, reward modelling)
-    generates: bool = False  # PPO/GRPO rollouts keep a KV cache
-    lm_head: bool = True  # False for sequence-classification heads: no vocab-sized logits
-    notes: list = field(default_factory=list)
-
-
-@dataclass
-class Plan:
-    fits: bool
-    reason: str
-    method: str
-    device: str
-    precision: str
-    world_size: int
-    nodes: int
-    gpus_per_node: int
-    seq_len: int
-    global_batch_size: int
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    zero_hpz_partition_size: Optional[int] = None
-    bnb_4bit_quant_storage: Optional[str] = None
-    per_gpu_bytes: dict = field(default_factory=dict)
-    capacity_bytes: int = 0
-    usable_bytes: int = 0
-    host_bytes_per_node: int = 0
-    host_capacity_bytes: Optional[int] = None
-    predicted_step_seconds: Optional[float] = None
-    model: dict = field(default_factory=dict)
-    models: dict = field(default_factory=dict)
-    reasons: list = field(default_factory=list)
-    rejected: list = field(default_factory=list)
-    bucket_elements: int = 0
-    hidden_size: int = 0
-    single_process: bool = False  # one plain process, no DeepSpeed engine: HF + torch autocast alone
-
-    @property
-    def offload(self) -> str:
-        return "all" if self.offload_param else "optimizer" if self.offload_optimizer else "none"
-
-    def to_json(self) -> dict:
-        from dataclasses import asdict
-
-        out = asdict(self)
-        out["offload"] = self.offload
-        return out
 
 
 @dataclass
