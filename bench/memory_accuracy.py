@@ -63,6 +63,11 @@ CPU_CONFIGS = [
     ("smollm2-135m", "full", 512, 4, True), ("smollm2-135m", "lora", 512, 4, False),
     ("smollm2-135m", "lora", 256, 8, True), ("smollm2-135m", "qlora", 1024, 2, False),
 ]
+# DPO rows (CPU check only): dpo_7b as shipped (LoRA; the reference is the adapter-disabled policy) and with full
+# fine-tuning (TRL then holds a frozen reference copy); preference pairs of random digits, `seq` tokens each side.
+DPO = {"dpo": [], "dpo-full": ["peft.method=none"]}
+CPU_CONFIGS += [("qwen2.5-0.5b", "dpo", 256, 2, False), ("qwen2.5-0.5b", "dpo", 256, 2, True),
+                ("smollm2-135m", "dpo", 512, 2, False), ("smollm2-135m", "dpo-full", 256, 2, False)]
 CPU_PLAN = "1xH100-80GB"  # the plan a CPU check executes
 # Tiny shapes for the CPU code-path check (names: common.TINY_SHAPES).
 TINY_CONFIGS = [
@@ -71,6 +76,21 @@ TINY_CONFIGS = [
     ("tiny-512", "full", 256, 4, False), ("tiny-512", "full", 256, 4, True), ("tiny-512", "lora", 128, 8, False),
     ("tiny-512", "lora", 256, 8, True), ("tiny-512", "qlora", 256, 4, False), ("tiny-512", "qlora", 256, 8, True),
 ]
+
+
+def digit_pairs_file(path: Path, rows: int, tokens: int, seed: int = 0) -> Path:
+    """Preference rows whose prompt + answer run past `tokens` digits (one token each), so after truncation at
+    max_length every chosen and rejected sequence is `tokens` long."""
+    import random
+
+    rng = random.Random(seed)
+    digits = lambda n: "".join(rng.choice("0123456789") for _ in range(n))  # noqa: E731
+    with Path(path).open("w") as f:
+        for _ in range(rows):
+            half = tokens // 2
+            f.write(json.dumps({"prompt": digits(half), "chosen": digits(tokens - half + 8),
+                                "rejected": digits(tokens - half + 8)}) + "\n")
+    return Path(path)
 
 
 def worker(opts) -> dict:
@@ -87,7 +107,10 @@ def worker(opts) -> dict:
         kwargs = dict(inventory=detect_inventory(CPU_PLAN), live_tensors=True,
                       overrides=["peft.dropout=0"] if method != "full" else [],
                       training={"optim": "adamw_torch"} if method == "qlora" else None)
-    result.update(common.pinned_run(RECIPES[method], opts.model_dir, opts.data, seq=seq, micro=micro,
+        if method in DPO:
+            kwargs["overrides"] += ["data.format=preference", *DPO[method]]
+    recipe = "dpo_7b" if method in DPO else RECIPES[method]
+    result.update(common.pinned_run(recipe, opts.model_dir, opts.data, seq=seq, micro=micro,
                                     global_batch=micro, checkpointing=ckpt, steps=opts.steps, **kwargs))
     return result
 
@@ -135,9 +158,11 @@ def main(argv=None) -> int:
         card, method, seq, micro, ckpt = configs[i]
         shape = shape_of(card)
         model_dir = common.random_model_dir(shape, max_positions=max(4096, seq))
-        if seq not in data_files:  # the same 64 rows for every configuration of this length
-            data_files[seq] = common.digit_text_file(work / f"seq{seq}.jsonl", 64, seq)
-        data = data_files[seq]
+        kind = "pairs" if method in DPO else "text"
+        if (kind, seq) not in data_files:  # the same 64 rows for every configuration of this length
+            data_files[kind, seq] = (digit_pairs_file(work / f"pairs{seq}.jsonl", 64, seq) if kind == "pairs" else
+                                     common.digit_text_file(work / f"seq{seq}.jsonl", 64, seq))
+        data = data_files[kind, seq]
         print(f"   [{i}] {card} {method} seq {seq} micro {micro} ckpt {'on' if ckpt else 'off'} ...", flush=True)
         r = common.run_worker(["bench/memory_accuracy.py", "--worker", json.dumps(configs[i]), "--model-dir",
                                model_dir, "--data", data], timeout=1800)

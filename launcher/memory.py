@@ -32,6 +32,9 @@ CPU_RUNTIME_BYTES = 1 * GiB  # python + torch + transformers resident set of a C
 HOST_PROCESS_BYTES = 2 * GiB  # host RAM every GPU rank's process needs besides offloaded states
 FRAGMENTATION = 0.05  # caching-allocator margin on top of what tensors need
 SFT_LOSS_CHUNK_TOKENS = 256  # TRL SFTTrainer's chunked_nll: tokens per lm_head + cross-entropy chunk
+# TRL DPOTrainer (1.12) keeps the logits in fp32 for its per-token log-prob gather, and its backward holds three
+# more fp32 copies at once (the gathered gradient's stack, zeros and scatter_add): 16 B per logit, measured.
+DPO_LOGIT_BYTES = 16
 LOAD_SHARD_BYTES = 5 * GiB  # from_pretrained materialises one safetensors shard at a time when it can
 BUCKET_CAP = 200_000_000  # elements; DeepSpeed's reduce/allgather buckets, sized hidden² like HF's "auto"
 
@@ -207,8 +210,9 @@ def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, check
 
 def logits_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, precision: str = "bf16",
                  sequences: int = 1, lm_head: bool = True, chunk_tokens: int = 0,
-                 head_bytes: Optional[int] = None) -> float:
-    """lm_head output + fp32 upcast for the loss + fp32 grad; nothing for classification heads.
+                 head_bytes: Optional[int] = None, per_logit: Optional[float] = None) -> float:
+    """lm_head output + fp32 upcast for the loss + fp32 grad (`per_logit` bytes per logit where a trainer is known
+    to keep more, e.g. DPO_LOGIT_BYTES); nothing for classification heads.
 
     `chunk_tokens` (TRL SFTTrainer's chunked_nll): no b·s·V tensor ever exists. Each chunk runs
     `h.float() @ w.float().t()` under checkpointing, so the forward holds an fp32 copy of a 16-bit lm_head weight
@@ -226,7 +230,7 @@ def logits_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, precision
         cast16 = weight * e if e == 2 else 0  # autocast's 16-bit copy for the matmul
         upcast = weight * 4 if (head_bytes or e) == 2 else 0  # w.float() of a 16-bit weight
         return max(upcast + cast16 + chunk * e, cast16 + (12 if e == 2 else 16) * chunk)
-    per_element = e + 4 + 4 if e == 2 else 8
+    per_element = per_logit or (e + 4 + 4 if e == 2 else 8)
     return seq_len * micro_batch * sequences * shape.vocab * per_element
 
 

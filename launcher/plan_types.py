@@ -39,6 +39,7 @@ class PlanRequest:
     extra_models: list = field(default_factory=list)
     lora_dropout: float = 0.0
     loss_chunk_tokens: int = 0  # TRL SFTTrainer's chunked_nll (mem.SFT_LOSS_CHUNK_TOKENS); 0 = whole logits
+    logit_bytes: Optional[float] = None  # whole logits: bytes per logit at the loss's peak (None: 16-bit + 2 x fp32)
     weight_dtype: str = "auto"  # model.dtype: what a full fine-tune in one process trains in ("auto" = precision)
     deepspeed: bool = False  # a launcher started the run: DeepSpeed's engine trains it even on one rank at ZeRO-0
     sequences_per_example: int = 1  # 2 for preference pairs (DPO, reward modelling)

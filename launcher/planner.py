@@ -239,7 +239,8 @@ def _activations(ctx: _Context, checkpointing: bool, micro: int) -> float:
         head = 4 if m.quantized else _load_bytes(ctx, not m.is_lora and ctx.dp == 1)  # QLoRA upcasts it
         act += mem.logits_bytes(m.shape, seq_len=req.seq_len, micro_batch=micro, precision=ctx.precision,
                                 sequences=req.sequences_per_example, lm_head=req.lm_head and policy,
-                                chunk_tokens=req.loss_chunk_tokens if policy else 0, head_bytes=head)
+                                chunk_tokens=req.loss_chunk_tokens if policy else 0, head_bytes=head,
+                                per_logit=req.logit_bytes)
         peak = max(peak, act)  # several trainable models train one after another (PPO: policy, then value)
     if req.generates:
         peak = max(peak, mem.kv_cache_bytes(ctx.shape, seq_len=req.seq_len, micro_batch=micro,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from launcher.errors import UserError
-from launcher.memory import SFT_LOSS_CHUNK_TOKENS
+from launcher.memory import DPO_LOGIT_BYTES, SFT_LOSS_CHUNK_TOKENS
 from launcher.planner import ExtraModel, PlanRequest
 from launcher.shapes import ModelShape, resolve_shape
 
@@ -40,6 +40,7 @@ def request_from_recipe(cfg) -> PlanRequest:
         gradient_checkpointing=plan_cfg.gradient_checkpointing, memory_fraction=plan_cfg.memory_fraction,
         attention=attention, lora_dropout=float(cfg.peft.dropout or 0.0) if method != "full" else 0.0,
         loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS if chunked else 0, weight_dtype=cfg.model.dtype or "auto",
+        logit_bytes=DPO_LOGIT_BYTES if cfg.method == "dpo" else None,
         sequences_per_example=2 if cfg.method in ("dpo", "rm") else 1,
         generates=cfg.method in ("ppo", "grpo"), lm_head=cfg.method not in ("rm", "classify"), notes=notes)
     reference = ExtraModel("reference", shape, trainable=False, quantized=method == "qlora")

@@ -373,6 +373,9 @@ def test_chunked_loss_logits_do_not_grow_with_the_batch():
     v, h = shape.vocab, shape.hidden
     assert chunked[0] == max(v * h * 6 + 256 * v * 2, v * h * 2 + 12 * 256 * v)
     assert mem.logits_bytes(shape, seq_len=64, micro_batch=1, precision="fp32", chunk_tokens=256) == 16 * 256 * v
+    # DPO: whole logits, two sequences per example, 16 B each (fp32 logits + the backward's fp32 copies)
+    assert mem.logits_bytes(shape, seq_len=512, micro_batch=2, sequences=2, per_logit=mem.DPO_LOGIT_BYTES) == \
+        512 * 2 * 2 * v * 16
 
 
 def test_single_process_full_finetune_trains_in_the_load_dtype():
@@ -430,7 +433,9 @@ def test_request_from_recipe_methods():
     nll = _cfg("sft")
     nll.training["loss_type"] = "nll"
     assert request_from_recipe(nll).loss_chunk_tokens == 0
-    assert request_from_recipe(_cfg("dpo")).loss_chunk_tokens == 0
+    dpo = request_from_recipe(_cfg("dpo"))
+    assert dpo.loss_chunk_tokens == 0 and dpo.logit_bytes == mem.DPO_LOGIT_BYTES  # TRL's DPO keeps fp32 logits
+    assert request_from_recipe(_cfg("sft")).logit_bytes is None
     lora = request_from_recipe(_cfg("sft", peft="lora"))
     assert (lora.lora_dropout, lora.weight_dtype) == (0.05, "auto")
     assert request_from_recipe(_cfg("sft")).lora_dropout == 0.0  # full fine-tune: no adapters, no masks
