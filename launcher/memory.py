@@ -6,15 +6,16 @@ Sources of the formulas:
   16-bit params 2 B, 16-bit grads 2 B (transient under ZeRO-3), fp32 grads 4 B, fp32 master 4 B, Adam 8 B;
   ZeRO-3 also holds the largest layer gathered (4 B/param); offloaded host states carry a 1.5x buffer factor.
   tests/test_planner.py checks this file against those functions.
-- activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation", §4.1), s·b·h·(34 + 5·a·s/h) bytes per
-  GPT layer in 16-bit, re-derived here for a Llama block (gated MLP, GQA, RoPE): elements kept per token per layer
-  4h + 3·q_dim + 3·kv_dim + 4·I; the 5·a·s attention-matrix term only with eager attention (SDPA/flash keep none).
-  Full recompute keeps the layer input (h per token) per layer plus one layer's full activations.
-- logits: b·s·V in 16-bit, the fp32 upcast HF's loss makes, and its fp32 gradient / log-softmax; or, under TRL's
-  SFTTrainer (`loss_type="chunked_nll"`, its default), 256-token chunks computed from copies of the lm_head weight.
+- activations: in the spirit of Korthikanti et al. 2022 ("Reducing Activation Recomputation", §4.1), but counted
+  from what HF's Llama/Qwen2 blocks, PEFT and bitsandbytes actually save for backward (listed with saved-tensor
+  hooks; `activation_bytes` says what). The s² attention matrices only with eager attention (SDPA/flash keep none).
+  Full recompute keeps each layer's input plus one layer's activations.
+- logits: b·s·V in 16-bit, the fp32 upcast HF's loss makes, and its fp32 gradient / log-softmax (DPO: 16 B per
+  logit); or, under TRL's SFTTrainer (`loss_type="chunked_nll"`, its default), 256-token chunks computed from copies
+  of the lm_head weight.
 - A full fine-tune in one process without DeepSpeed trains the weights in the dtype they load in.
-The lm_head chunk constants and the dropout masks were measured as live tensor bytes (`bench/memory_accuracy.py
---tiny`); everything else follows from the tensors the code keeps.
+The chunk and DPO constants were measured as live tensor bytes (`bench/memory_accuracy.py --cpu`, which checks the
+whole model that way on 16 configurations); the CUDA dropout mask (a byte per element, torch's fused dropout) was not.
 """
 from __future__ import annotations
 
