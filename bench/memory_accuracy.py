@@ -3,7 +3,7 @@ configuration (method x seq len x micro-batch x checkpointing, shapes 0.5B-7B). 
 
     .venv/bin/python bench/memory_accuracy.py                  # on a GPU: 15 configurations, ~1 min each
     .venv/bin/python bench/memory_accuracy.py --only 0,1,2     # a subset (indices as printed by --list)
-    .venv/bin/python bench/memory_accuracy.py --cpu            # CPU: 16 configurations, 135M-0.5B, live tensors
+    .venv/bin/python bench/memory_accuracy.py --cpu            # CPU: 18 configurations, 135M-0.5B, live tensors
     .venv/bin/python bench/memory_accuracy.py --tiny           # CPU: tiny shapes (the tests' quick check)
 
 Every configuration runs in a fresh process through ftlaunch's own path (recipe sft_7b / lora_7b / qlora_7b with the
@@ -66,8 +66,10 @@ CPU_CONFIGS = [
 # DPO rows (CPU check only): dpo_7b as shipped (LoRA; the reference is the adapter-disabled policy) and with full
 # fine-tuning (TRL then holds a frozen reference copy); preference pairs of random digits, `seq` tokens each side.
 DPO = {"dpo": [], "dpo-full": ["peft.method=none"]}
+PAIRS = {"dpo": "dpo_7b", "dpo-full": "dpo_7b", "rm": "rm_7b"}  # methods trained on preference pairs
 CPU_CONFIGS += [("qwen2.5-0.5b", "dpo", 256, 2, False), ("qwen2.5-0.5b", "dpo", 256, 2, True),
-                ("smollm2-135m", "dpo", 512, 2, False), ("smollm2-135m", "dpo-full", 256, 2, False)]
+                ("smollm2-135m", "dpo", 512, 2, False), ("smollm2-135m", "dpo-full", 256, 2, False),
+                ("qwen2.5-0.5b", "rm", 512, 2, False), ("qwen2.5-0.5b", "rm", 512, 4, True)]
 CPU_PLAN = "1xH100-80GB"  # the plan a CPU check executes
 # Tiny shapes for the CPU code-path check (names: common.TINY_SHAPES).
 TINY_CONFIGS = [
@@ -78,9 +80,10 @@ TINY_CONFIGS = [
 ]
 
 
-def digit_pairs_file(path: Path, rows: int, tokens: int, seed: int = 0) -> Path:
-    """Preference rows whose prompt + answer run past `tokens` digits (one token each), so after truncation at
-    max_length every chosen and rejected sequence is `tokens` long."""
+def digit_pairs_file(path: Path, rows: int, tokens: int, seed: int = 0, extra: int = 8) -> Path:
+    """Preference rows whose prompt + answer are `tokens + extra` digits (one token each): DPO truncates them at
+    max_length to exactly `tokens`; TRL's reward trainer drops over-long pairs instead, so its rows use extra=-2
+    (room for the special tokens)."""
     import random
 
     rng = random.Random(seed)
@@ -88,8 +91,8 @@ def digit_pairs_file(path: Path, rows: int, tokens: int, seed: int = 0) -> Path:
     with Path(path).open("w") as f:
         for _ in range(rows):
             half = tokens // 2
-            f.write(json.dumps({"prompt": digits(half), "chosen": digits(tokens - half + 8),
-                                "rejected": digits(tokens - half + 8)}) + "\n")
+            f.write(json.dumps({"prompt": digits(half), "chosen": digits(tokens - half + extra),
+                                "rejected": digits(tokens - half + extra)}) + "\n")
     return Path(path)
 
 
@@ -107,9 +110,9 @@ def worker(opts) -> dict:
         kwargs = dict(inventory=detect_inventory(CPU_PLAN), live_tensors=True,
                       overrides=["peft.dropout=0"] if method != "full" else [],
                       training={"optim": "adamw_torch"} if method == "qlora" else None)
-        if method in DPO:
-            kwargs["overrides"] += ["data.format=preference", *DPO[method]]
-    recipe = "dpo_7b" if method in DPO else RECIPES[method]
+        if method in PAIRS:
+            kwargs["overrides"] += ["data.format=preference", *DPO.get(method, [])]
+    recipe = PAIRS.get(method) or RECIPES[method]
     result.update(common.pinned_run(recipe, opts.model_dir, opts.data, seq=seq, micro=micro,
                                     global_batch=micro, checkpointing=ckpt, steps=opts.steps, **kwargs))
     return result
@@ -158,10 +161,11 @@ def main(argv=None) -> int:
         card, method, seq, micro, ckpt = configs[i]
         shape = shape_of(card)
         model_dir = common.random_model_dir(shape, max_positions=max(4096, seq))
-        kind = "pairs" if method in DPO else "text"
+        kind = "rm-pairs" if method == "rm" else "pairs" if method in PAIRS else "text"
         if (kind, seq) not in data_files:  # the same 64 rows for every configuration of this length
-            data_files[kind, seq] = (digit_pairs_file(work / f"pairs{seq}.jsonl", 64, seq) if kind == "pairs" else
-                                     common.digit_text_file(work / f"seq{seq}.jsonl", 64, seq))
+            path = work / f"{kind}{seq}.jsonl"
+            data_files[kind, seq] = (digit_pairs_file(path, 64, seq, extra=-2 if kind == "rm-pairs" else 8)
+                                     if kind != "text" else common.digit_text_file(path, 64, seq))
         data = data_files[kind, seq]
         print(f"   [{i}] {card} {method} seq {seq} micro {micro} ckpt {'on' if ckpt else 'off'} ...", flush=True)
         r = common.run_worker(["bench/memory_accuracy.py", "--worker", json.dumps(configs[i]), "--model-dir",

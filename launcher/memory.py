@@ -15,7 +15,7 @@ Sources of the formulas:
   of the lm_head weight.
 - A full fine-tune in one process without DeepSpeed trains the weights in the dtype they load in.
 The chunk and DPO constants were measured as live tensor bytes (`bench/memory_accuracy.py --cpu`, which checks the
-whole model that way on 16 configurations); the CUDA dropout mask (a byte per element, torch's fused dropout) was not.
+whole model that way on 18 configurations); the CUDA dropout mask (a byte per element, torch's fused dropout) was not.
 """
 from __future__ import annotations
 
