@@ -415,14 +415,13 @@ def pinned_run(recipe: str, model_dir, data, *, seq: int, micro: int, global_bat
                         gradient_checkpointing=checkpointing, micro_batch_size=micro)
         result.update(predicted=pred["per_gpu_bytes"], predicted_fits=bool(pred["fits"]),
                       predicted_step_seconds=pred["step_seconds"], optim=cfg.training.get("optim") or "adamw_torch")
-        if live_tensors:
-            from bench.tensor_meter import LiveTensorMeter
+        from bench.tensor_meter import LiveTensorMeter
 
-            with LiveTensorMeter() as meter:
-                result.update(train_timed(trainer, global_batch * seq, warmup))
-            result.update(live_start=meter.start, live_peak=meter.peak)
-        else:
+        meter = LiveTensorMeter() if live_tensors else contextlib.nullcontext()
+        with meter:
             result.update(train_timed(trainer, global_batch * seq, warmup))
+        if live_tensors:
+            result.update(live_start=meter.start, live_peak=meter.peak)
     return result
 
 

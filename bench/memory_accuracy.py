@@ -63,10 +63,10 @@ CPU_CONFIGS = [
     ("smollm2-135m", "full", 512, 4, True), ("smollm2-135m", "lora", 512, 4, False),
     ("smollm2-135m", "lora", 256, 8, True), ("smollm2-135m", "qlora", 1024, 2, False),
 ]
-# DPO rows (CPU check only): dpo_7b as shipped (LoRA; the reference is the adapter-disabled policy) and with full
-# fine-tuning (TRL then holds a frozen reference copy); preference pairs of random digits, `seq` tokens each side.
-DPO = {"dpo": [], "dpo-full": ["peft.method=none"]}
-PAIRS = {"dpo": "dpo_7b", "dpo-full": "dpo_7b", "rm": "rm_7b"}  # methods trained on preference pairs
+# Rows trained on preference pairs (CPU check only), method -> (recipe, overrides): dpo_7b as shipped (LoRA; the
+# reference is the adapter-disabled policy) and with full fine-tuning (TRL then holds a frozen reference copy), and
+# rm_7b; pairs of random digits, `seq` tokens each side.
+PAIRS = {"dpo": ("dpo_7b", []), "dpo-full": ("dpo_7b", ["peft.method=none"]), "rm": ("rm_7b", [])}
 CPU_CONFIGS += [("qwen2.5-0.5b", "dpo", 256, 2, False), ("qwen2.5-0.5b", "dpo", 256, 2, True),
                 ("smollm2-135m", "dpo", 512, 2, False), ("smollm2-135m", "dpo-full", 256, 2, False),
                 ("qwen2.5-0.5b", "rm", 512, 2, False), ("qwen2.5-0.5b", "rm", 512, 4, True)]
@@ -111,8 +111,8 @@ def worker(opts) -> dict:
                       overrides=["peft.dropout=0"] if method != "full" else [],
                       training={"optim": "adamw_torch"} if method == "qlora" else None)
         if method in PAIRS:
-            kwargs["overrides"] += ["data.format=preference", *DPO.get(method, [])]
-    recipe = PAIRS.get(method) or RECIPES[method]
+            kwargs["overrides"] += ["data.format=preference", *PAIRS[method][1]]
+    recipe = PAIRS[method][0] if method in PAIRS else RECIPES[method]
     result.update(common.pinned_run(recipe, opts.model_dir, opts.data, seq=seq, micro=micro,
                                     global_batch=micro, checkpointing=ckpt, steps=opts.steps, **kwargs))
     return result

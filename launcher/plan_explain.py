@@ -54,7 +54,7 @@ def explain(ctx: _Context, best: _Result, per_config) -> list[str]:
         out.append("QLoRA under ZeRO-3: bnb_4bit_quant_storage = the compute dtype so the 4-bit weights shard")
     if best.offload != "none":
         out.append(f"offload: host RAM needed per node {mem.fmt_bytes(best.host)}")
-    if not ctx.request.deepspeed and ctx.dp == 1 and best.stage == 0 and best.offload == "none":
+    if ctx.single_process(best.stage, best.offload):
         dtype = mem.load_dtype(ctx.request.weight_dtype, ctx.precision, full_single_process=True)
         if ctx.request.method == "full" and dtype != "float32":
             out.append(f"one process, no DeepSpeed: weights, gradients and optimizer states train in {dtype} (no fp32 "

@@ -54,6 +54,10 @@ class _Context:
     models: list
     cache: dict = field(default_factory=dict)
 
+    def single_process(self, stage: int, offload: str) -> bool:
+        """One rank, no ZeRO, no offload, no launcher: `ftlaunch run` without DeepSpeed, plain torch autocast."""
+        return not self.request.deepspeed and self.dp == 1 and stage == 0 and offload == "none"
+
 
 @dataclass
 class _Result:
@@ -153,7 +157,7 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
     fixed = mem.runtime_bytes(device=inv.device, zero_stage=stage, hidden=ctx.shape.hidden,
                               precision=ctx.precision, dp=ctx.dp)
     gradients = states.gradients
-    if _single_process(ctx, stage, offload) and ctx.per_rank_batch == micro:
+    if ctx.single_process(stage, offload) and ctx.per_rank_batch == micro:
         # No DeepSpeed, no accumulation: HF frees the gradients after each step (zero_grad, set_to_none) and backward
         # makes them as it frees activations; only the lm_head's, the first it makes, meets all of them.
         gradients = max(_head_gradient_bytes(ctx), gradients - activations)
@@ -167,11 +171,6 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
     seconds = step_seconds(ctx, stage, offload, checkpointing, micro, hpz)
     return _Result(stage, offload, checkpointing, micro, hpz, parts, host, models, seconds,
                    parts["total"] <= ctx.usable, host_ok)
-
-
-def _single_process(ctx: _Context, stage: int, offload: str) -> bool:
-    """One rank, no ZeRO, no offload, no launcher: `ftlaunch run` without DeepSpeed, plain torch autocast."""
-    return not ctx.request.deepspeed and ctx.dp == 1 and stage == 0 and offload == "none"
 
 
 def _load_bytes(ctx: _Context, full_single_process: bool) -> int:
@@ -190,7 +189,7 @@ def _head_gradient_bytes(ctx: _Context) -> float:
 def _states(ctx: _Context, stage: int, offload: str, hpz: bool):
     total = mem.ModelStates()
     per_model = {}
-    single_process = _single_process(ctx, stage, offload)
+    single_process = ctx.single_process(stage, offload)
     load = 0.0
     for m in ctx.models:
         param_bytes, state_bytes = 4, ctx.state_bytes  # adapters and DeepSpeed's masters: fp32
@@ -371,7 +370,7 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
         model={"name": shape.name, "params": shape.num_params, "trainable_params": ctx.models[0].trainable,
                "optimizer": request.optimizer, "inventory": inv.describe()},
         models=chosen.models, bucket_elements=mem.bucket_elements(shape.hidden), hidden_size=shape.hidden,
-        single_process=_single_process(ctx, chosen.stage, chosen.offload))
+        single_process=ctx.single_process(chosen.stage, chosen.offload))
     reasons = list(request.notes) + list(inv.notes) + [precision_reason]
     reasons.append(f"usable memory per {explain.unit(ctx)}: {request.memory_fraction:g} x {mem.fmt_bytes(ctx.capacity)}"
                    f" = {mem.fmt_bytes(ctx.usable)}")
