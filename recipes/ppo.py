@@ -186,6 +186,11 @@ def build(ctx):
         m.config.pad_token_id = tokenizer.pad_token_id
         scorers.append(m)
     reward_model, value_model = scorers
+    if plan.gradient_checkpointing:
+        # PPOTrainer runs its own loop, which never applies args.gradient_checkpointing as HF's Trainer.train does
+        # (and its PolicyAndValueWrapper would checkpoint the policy only): both trained models, as planned.
+        for trained in (policy, value_model):
+            trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = _ppo_trainer_class()(args=args, processing_class=tokenizer, model=policy, ref_model=ref_model,
                                    reward_model=reward_model, value_model=value_model, train_dataset=train,
                                    eval_dataset=evaluation, peft_config=peft_cfg)

@@ -209,6 +209,32 @@ def test_ppo_lora_uses_adapter_disabled_reference(tmp_path, rm_dir):
     assert evaluator is not None and ctx.stats["value_model"] == ctx.stats["reward_model"]
 
 
+def test_ppo_applies_planned_gradient_checkpointing(tmp_path, rm_dir):
+    """TRL's PPO loop never enables checkpointing itself: the recipe does, on the policy and the value model, and
+    an update still trains both (the planner charges checkpointed activations for this plan)."""
+    from launcher.config import load_recipe
+    from launcher.train import DistEnv, RunContext, make_plan
+    from recipes import ppo
+
+    cfg = load_recipe("ppo_tiny", overrides=[f"output_dir={tmp_path / 'o'}", f"ppo.reward_model={rm_dir}",
+                                             "plan.gradient_checkpointing=true", "training.max_steps=1",
+                                             "ppo.num_ppo_epochs=1", "training.report_to=[]"])
+    env = DistEnv()
+    ctx = RunContext(cfg=cfg, plan=make_plan(cfg, env), env=env, ds_config=None, output_dir=tmp_path / "o")
+    assert ctx.plan.gradient_checkpointing
+    trainer, _ = ppo.build(ctx)
+    assert trainer.policy_model.is_gradient_checkpointing and trainer.value_model.is_gradient_checkpointing
+    import torch
+
+    trained = {name: [p for p in m.parameters() if p.requires_grad]
+               for name, m in (("policy", trainer.policy_model), ("value", trainer.value_model))}
+    before = {name: [p.detach().clone() for p in params] for name, params in trained.items()}
+    trainer.train()
+    assert trainer.state.global_step == 1
+    for name, params in trained.items():
+        assert any(not torch.equal(a, b.detach()) for a, b in zip(before[name], params)), name
+
+
 def test_ppo_tiny_deepspeed_zero2_two_ranks(tmp_path, rm_dir):
     out = tmp_path / "ppo-ds"
     proc = run_cli("--recipe", "ppo_tiny", f"output_dir={out}", f"ppo.reward_model={rm_dir}", "plan.zero_stage=2",
