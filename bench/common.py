@@ -169,22 +169,24 @@ def hf_config(shape, max_positions: int = 4096, tokenizer=None):
     return LlamaConfig(attention_bias=False, **common)
 
 
-def random_model_dir(shape, max_positions: int = 4096, dtype: str = "bfloat16", seed: int = 0) -> Path:
+def random_model_dir(shape, max_positions: int = 4096, dtype: str = "bfloat16", seed: int = 0,
+                     scorer: bool = False) -> Path:
     """Save a random-weight model of `shape` (+ the tiny byte-level tokenizer) once; return its directory.
+    `scorer`: a sequence classifier with one output instead (a reward model's layout, for PPO).
 
     Built on the GPU when there is one (seconds for 7B), in `dtype`; loading it back with a BitsAndBytesConfig
     quantises to NF4 on load, the path a real QLoRA run takes. The tiny tokenizer's 520 ids are all < vocab, so
     any text tokenises to valid ids; its digits are one token each, which makes token counts exact.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from recipes.builder import _publish_dir
     from recipes.tiny import tiny_tokenizer
 
-    key = hashlib.sha256(json.dumps([shape.to_json(), max_positions, dtype, seed, 1], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
-    name = Path(str(shape.name)).name.replace("/", "_") or "model"
+    key = hashlib.sha256(json.dumps([shape.to_json(), max_positions, dtype, seed, 1] + (["scorer"] if scorer else []),
+                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
+    name = (Path(str(shape.name)).name.replace("/", "_") or "model") + ("-scorer" if scorer else "")
     final = bench_cache() / f"{name}-{key}"
     if (final / "config.json").is_file():
         return final
@@ -192,10 +194,13 @@ def random_model_dir(shape, max_positions: int = 4096, dtype: str = "bfloat16", 
     tmp = final.parent / f".{final.name}.{os.getpid()}"
     tokenizer = tiny_tokenizer()
     config = hf_config(shape, max_positions, tokenizer)
+    if scorer:
+        config.num_labels = 1
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    auto_class = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        model = auto_class.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
     tokenizer.save_pretrained(tmp)
     del model

@@ -1,9 +1,10 @@
 """The planner's predicted peak per GPU (`launcher.planner.estimate`) vs the measured peak, configuration by
 configuration (method x seq len x micro-batch x checkpointing, shapes 0.5B-7B). Goal: within +-10 % each.
+The GPU list is SFT (full, LoRA, QLoRA); the CPU list adds DPO, reward modelling, GRPO, PPO and classification.
 
     .venv/bin/python bench/memory_accuracy.py                  # on a GPU: 15 configurations, ~1 min each
     .venv/bin/python bench/memory_accuracy.py --only 0,1,2     # a subset (indices as printed by --list)
-    .venv/bin/python bench/memory_accuracy.py --cpu            # CPU: 18 configurations, 135M-0.5B, live tensors
+    .venv/bin/python bench/memory_accuracy.py --cpu            # CPU: 27 configurations, 135M-0.5B, live tensors
     .venv/bin/python bench/memory_accuracy.py --tiny           # CPU: tiny shapes (the tests' quick check)
 
 Every configuration runs in a fresh process through ftlaunch's own path (recipe sft_7b / lora_7b / qlora_7b with the
@@ -63,13 +64,33 @@ CPU_CONFIGS = [
     ("smollm2-135m", "full", 512, 4, True), ("smollm2-135m", "lora", 512, 4, False),
     ("smollm2-135m", "lora", 256, 8, True), ("smollm2-135m", "qlora", 1024, 2, False),
 ]
-# Rows trained on preference pairs (CPU check only), method -> (recipe, overrides): dpo_7b as shipped (LoRA; the
-# reference is the adapter-disabled policy) and with full fine-tuning (TRL then holds a frozen reference copy), and
-# rm_7b; pairs of random digits, `seq` tokens each side.
-PAIRS = {"dpo": ("dpo_7b", []), "dpo-full": ("dpo_7b", ["peft.method=none"]), "rm": ("rm_7b", [])}
+# Methods beyond SFT (CPU check only): method -> (recipe, data kind, overrides). dpo_7b as shipped (LoRA; the
+# reference is the adapter-disabled policy) and with full fine-tuning (TRL then holds a frozen reference copy), rm_7b,
+# GRPO (grpo_tiny's settings, full or LoRA), PPO (ppo_tiny's: LoRA policy, its adapter-disabled reference, reward
+# and value models from one random reward model of the policy's shape; one PPO epoch per update) and a sequence
+# classifier. Rows are random digits: `seq` tokens each side of a pair; for GRPO and PPO `seq` is the prompt, and
+# every completion is GRPO_COMPLETION tokens (min_new_tokens forces it) or PPO_RESPONSE (PPO's tensors are that
+# long whatever it samples).
+GRPO_COMPLETION, PPO_RESPONSE = 128, 64
+_GRPO = ["data.format=prompts", f"grpo.max_completion_length={GRPO_COMPLETION}", "grpo.num_generations=2",
+         "grpo.reward=digits"]
+METHODS = {"dpo": ("dpo_7b", "pairs", ["data.format=preference"]),
+           "dpo-full": ("dpo_7b", "pairs", ["data.format=preference", "peft.method=none"]),
+           "rm": ("rm_7b", "rm-pairs", ["data.format=preference"]),
+           "grpo": ("grpo_tiny", "prompts", _GRPO), "grpo-lora": ("grpo_tiny", "prompts", [*_GRPO, "peft.method=lora"]),
+           "ppo": ("ppo_tiny", "prompts", ["data.format=prompts", f"ppo.response_length={PPO_RESPONSE}",
+                                           "ppo.num_ppo_epochs=1"]),
+           "ppo-long": ("ppo_tiny", "prompts", ["data.format=prompts", f"ppo.response_length={4 * PPO_RESPONSE}",
+                                                "ppo.num_ppo_epochs=1"]),
+           "cls": ("cls_tiny", "labels", ["data.format=classification", "classify.class_weights=none"])}
 CPU_CONFIGS += [("qwen2.5-0.5b", "dpo", 256, 2, False), ("qwen2.5-0.5b", "dpo", 256, 2, True),
                 ("smollm2-135m", "dpo", 512, 2, False), ("smollm2-135m", "dpo-full", 256, 2, False),
-                ("qwen2.5-0.5b", "rm", 512, 2, False), ("qwen2.5-0.5b", "rm", 512, 4, True)]
+                ("qwen2.5-0.5b", "rm", 512, 2, False), ("qwen2.5-0.5b", "rm", 512, 4, True),
+                ("qwen2.5-0.5b", "grpo", 128, 4, False), ("qwen2.5-0.5b", "grpo", 128, 4, True),
+                ("qwen2.5-0.5b", "grpo-lora", 128, 4, False), ("smollm2-135m", "grpo", 256, 8, False),
+                ("qwen2.5-0.5b", "cls", 512, 4, False), ("smollm2-135m", "cls", 512, 8, True),
+                ("smollm2-135m", "ppo", 64, 4, False), ("qwen2.5-0.5b", "ppo", 128, 2, True),
+                ("smollm2-135m", "ppo-long", 64, 1, False, 16)]  # 16 micro-batches per update: the rollout peaks
 CPU_PLAN = "1xH100-80GB"  # the plan a CPU check executes
 # Tiny shapes for the CPU code-path check (names: common.TINY_SHAPES).
 TINY_CONFIGS = [
@@ -96,10 +117,27 @@ def digit_pairs_file(path: Path, rows: int, tokens: int, seed: int = 0, extra: i
     return Path(path)
 
 
+def data_file(kind: str, path: Path, tokens: int) -> Path:
+    """64 rows of `kind` (text, pairs, rm-pairs, prompts, labels) that tokenise to exactly `tokens` each (one token
+    per digit with the bench tokenizer, which adds a BOS: prompts are tokens - 1 digits, the rest is truncated)."""
+    if kind == "text":
+        return common.digit_text_file(path, 64, tokens)
+    if kind in ("pairs", "rm-pairs"):
+        return digit_pairs_file(path, 64, tokens, extra=-2 if kind == "rm-pairs" else 8)
+    import random
+
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for n in range(64):
+            digits = "".join(rng.choice("0123456789") for _ in range(tokens - 1 if kind == "prompts" else tokens + 8))
+            f.write(json.dumps({"prompt": digits} if kind == "prompts" else {"text": digits, "label": n % 2}) + "\n")
+    return path
+
+
 def worker(opts) -> dict:
     common.setup_env()
     common.quiet_libraries()
-    card, method, seq, micro, ckpt = opts.config
+    card, method, seq, micro, ckpt, *accumulation = opts.config
     result = {"card": card, "method": method, "seq": seq, "micro": micro, "ckpt": ckpt}
     import torch
 
@@ -110,11 +148,16 @@ def worker(opts) -> dict:
         kwargs = dict(inventory=detect_inventory(CPU_PLAN), live_tensors=True,
                       overrides=["peft.dropout=0"] if method != "full" else [],
                       training={"optim": "adamw_torch"} if method == "qlora" else None)
-        if method in PAIRS:
-            kwargs["overrides"] += ["data.format=preference", *PAIRS[method][1]]
-    recipe = PAIRS[method][0] if method in PAIRS else RECIPES[method]
+        if method in METHODS:
+            kwargs["overrides"] += METHODS[method][2]
+        if method.startswith("grpo"):
+            kwargs["training"] = {"generation_kwargs": {"min_new_tokens": GRPO_COMPLETION}}
+        if method.startswith("ppo"):
+            kwargs["overrides"].append(f"ppo.reward_model={opts.scorer_dir}")
+    recipe = METHODS[method][0] if method in METHODS else RECIPES[method]
     result.update(common.pinned_run(recipe, opts.model_dir, opts.data, seq=seq, micro=micro,
-                                    global_batch=micro, checkpointing=ckpt, steps=opts.steps, **kwargs))
+                                    global_batch=micro * (accumulation or [1])[0], checkpointing=ckpt,
+                                    steps=opts.steps, **kwargs))
     return result
 
 
@@ -130,6 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--scorer-dir", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.worker:
         opts.config = json.loads(opts.worker)
@@ -158,19 +202,20 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-mem-data-"))
     rows, data_files = [], {}
     for i in chosen:
-        card, method, seq, micro, ckpt = configs[i]
+        card, method, seq, micro, ckpt, *accumulation = configs[i]
         shape = shape_of(card)
         model_dir = common.random_model_dir(shape, max_positions=max(4096, seq))
-        kind = "rm-pairs" if method == "rm" else "pairs" if method in PAIRS else "text"
+        kind = METHODS[method][1] if method in METHODS else "text"
         if (kind, seq) not in data_files:  # the same 64 rows for every configuration of this length
-            path = work / f"{kind}{seq}.jsonl"
-            data_files[kind, seq] = (digit_pairs_file(path, 64, seq, extra=-2 if kind == "rm-pairs" else 8)
-                                     if kind != "text" else common.digit_text_file(path, 64, seq))
+            data_files[kind, seq] = data_file(kind, work / f"{kind}{seq}.jsonl", seq)
         data = data_files[kind, seq]
         print(f"   [{i}] {card} {method} seq {seq} micro {micro} ckpt {'on' if ckpt else 'off'} ...", flush=True)
+        scorer = ["--scorer-dir", common.random_model_dir(shape, max(4096, seq), scorer=True)] \
+            if method.startswith("ppo") else []
         r = common.run_worker(["bench/memory_accuracy.py", "--worker", json.dumps(configs[i]), "--model-dir",
-                               model_dir, "--data", data], timeout=1800)
-        r.update(index=i, card=card, method=method, seq=seq, micro=micro, ckpt=ckpt)
+                               model_dir, "--data", data, *scorer], timeout=1800)
+        r.update(index=i, card=card, method=method, seq=seq, micro=micro, ckpt=ckpt,
+                 accumulation=(accumulation or [1])[0])
         pred = (r.get("predicted") or {}).get("total")
         if gpu and pred and r.get("max_allocated"):
             from launcher.memory import CUDA_RUNTIME_BYTES
@@ -183,6 +228,7 @@ def main(argv=None) -> int:
         rows.append(r)
     pct = lambda k: (lambda r: None if r.get(k) is None else f"{100 * r[k]:+.1f}%")  # noqa: E731
     cols = [("#", "index"), ("model", "card"), ("method", "method"), ("seq", "seq"), ("micro", "micro"),
+            ("accum", "accumulation"),
             ("ckpt", lambda r: "on" if r["ckpt"] else "off"),
             ("pred GiB", lambda r: common.gib((r.get("predicted") or {}).get("total")))]
     if gpu:

@@ -10,12 +10,16 @@ Sources of the formulas:
   from what HF's Llama/Qwen2 blocks, PEFT and bitsandbytes actually save for backward (listed with saved-tensor
   hooks; `activation_bytes` says what). The s² attention matrices only with eager attention (SDPA/flash keep none).
   Full recompute keeps each layer's input plus one layer's activations.
-- logits: b·s·V in 16-bit, the fp32 upcast HF's loss makes, and its fp32 gradient / log-softmax (DPO: 16 B per
-  logit); or, under TRL's SFTTrainer (`loss_type="chunked_nll"`, its default), 256-token chunks computed from copies
-  of the lm_head weight.
+- logits: b·s·V in 16-bit, the fp32 upcast HF's loss makes, and its fp32 gradient / log-softmax (DPO, and GRPO over
+  the completion only: 16 B per logit); or, under TRL's SFTTrainer (`loss_type="chunked_nll"`, its default),
+  256-token chunks computed from copies of the lm_head weight.
+- rollouts: PPO/GRPO sequences are prompt + generated tokens; GRPO samples the rank's whole batch at once (KV
+  cache); TRL's PPO keeps fp32 sampling logits of the whole rollout (`ppo_rollout_bytes`) and trains policy and
+  value model in one backward.
 - A full fine-tune in one process without DeepSpeed trains the weights in the dtype they load in.
-The chunk and DPO constants were measured as live tensor bytes (`bench/memory_accuracy.py --cpu`, which checks the
-whole model that way on 18 configurations); the CUDA dropout mask (a byte per element, torch's fused dropout) was not.
+The chunk, DPO, GRPO and PPO terms were measured as live tensor bytes (`bench/memory_accuracy.py --cpu`, which checks
+the whole model that way on 27 configurations); the CUDA dropout mask (a byte per element, torch's fused dropout)
+and GRPO's and PPO's KV caches (small next to training on those shapes) were not.
 """
 from __future__ import annotations
 
@@ -36,6 +40,10 @@ SFT_LOSS_CHUNK_TOKENS = 256  # TRL SFTTrainer's chunked_nll: tokens per lm_head 
 # TRL DPOTrainer (1.12) keeps the logits in fp32 for its per-token log-prob gather, and its backward holds three
 # more fp32 copies at once (the gathered gradient's stack, zeros and scatter_add): 16 B per logit, measured.
 DPO_LOGIT_BYTES = 16
+# TRL GRPOTrainer (1.12) the same on the completion's logits: the fp32 logits / temperature stay saved for
+# selective_log_softmax, whose backward holds the same three fp32 copies (traced live: div, stack, zeros,
+# scatter_add, each b x completion x V).
+GRPO_LOGIT_BYTES = 16
 LOAD_SHARD_BYTES = 5 * GiB  # from_pretrained materialises one safetensors shard at a time when it can
 BUCKET_CAP = 200_000_000  # elements; DeepSpeed's reduce/allgather buckets, sized hidden² like HF's "auto"
 
@@ -171,7 +179,8 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
 def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, checkpointing: bool,
                      precision: str = "bf16", attention: str = "sdpa", lora_r: int = 0, lora_targets=None,
                      sequences: int = 1, lora_dropout: float = 0.0, device: str = "cuda",
-                     trainable_base: bool = False, quantized: bool = False) -> float:
+                     trainable_base: bool = False, quantized: bool = False,
+                     lora_input_bytes: Optional[int] = None) -> float:
     """Activations kept for backward across the whole model, for one micro-batch (`sequences` per example).
 
     Per block and token, what autograd saves (listed with saved-tensor hooks on HF Llama/Qwen2 blocks):
@@ -183,7 +192,8 @@ def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, check
     - with trainable base weights (full fine-tuning) also every linear's input for its weight gradient: the norms'
       16-bit product inputs and outputs, o_proj's and down_proj's inputs (frozen linears keep none);
     - LoRA: each wrapped layer's input cast to 16-bit (for A's gradient), A's output, and with dropout the mask:
-      a bool per element on CUDA (fused dropout), a float noise tensor of PEFT's fp32 upcast on CPU.
+      a bool per element on CUDA (fused dropout), a float noise tensor of PEFT's fp32 upcast on CPU. Without
+      autocast (`lora_input_bytes=4`: TRL's PPO in one process) the input copy and A's output are fp32.
     Full recompute keeps each block's input plus one block's activations. Outside the blocks: the embedding output,
     the final norm's upcast and the lm_head input (logits: `logits_bytes`).
     """
@@ -199,7 +209,7 @@ def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, check
     if lora_r:
         modules = lora_modules(shape, lora_targets)
         fan_ins = sum(fan_in for fan_in, _ in modules.values())
-        per_token += e * (fan_ins + lora_r * len(modules))
+        per_token += (lora_input_bytes or e) * (fan_ins + lora_r * len(modules))
         if lora_dropout > 0:
             per_token += fan_ins * (1 if device == "cuda" else 4)
     tokens = seq_len * micro_batch * sequences
@@ -211,16 +221,18 @@ def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, check
 
 def logits_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, precision: str = "bf16",
                  sequences: int = 1, lm_head: bool = True, chunk_tokens: int = 0,
-                 head_bytes: Optional[int] = None, per_logit: Optional[float] = None) -> float:
+                 head_bytes: Optional[int] = None, per_logit: Optional[float] = None,
+                 logit_tokens: Optional[int] = None) -> float:
     """lm_head output + fp32 upcast for the loss + fp32 grad (`per_logit` bytes per logit where a trainer is known
-    to keep more, e.g. DPO_LOGIT_BYTES); nothing for classification heads.
+    to keep more, e.g. DPO_LOGIT_BYTES) over `logit_tokens` of each sequence (default all; GRPO asks the model for
+    the completion's logits only); nothing for classification heads.
 
     `chunk_tokens` (TRL SFTTrainer's chunked_nll): no b·s·V tensor ever exists. Each chunk runs
     `h.float() @ w.float().t()` under checkpointing, so the forward holds an fp32 copy of a 16-bit lm_head weight
-    (`head_bytes`, default the precision's; QLoRA's head is fp32 already, 4) and, under 16-bit autocast, the 16-bit copy the matmul casts
-    it to, plus one chunk's logits; a chunk's recompute and backward hold the 16-bit weight copy and ~12 B per chunk
-    logit (16 B in fp32: logits, log-probs, entropy, grads). The peak is the larger of the two; at least one whole
-    chunk runs (TRL pads the count up to a multiple).
+    (`head_bytes`, default the precision's; QLoRA's head is fp32 already, 4) and, under 16-bit autocast, the 16-bit
+    copy the matmul casts it to, plus one chunk's logits; a chunk's recompute and backward hold the 16-bit weight
+    copy and ~12 B per chunk logit (16 B in fp32: logits, log-probs, entropy, grads). The peak is the larger of
+    the two; at least one whole chunk runs (TRL pads the count up to a multiple).
     """
     if not lm_head:
         return 0.0
@@ -232,12 +244,30 @@ def logits_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, precision
         upcast = weight * 4 if (head_bytes or e) == 2 else 0  # w.float() of a 16-bit weight
         return max(upcast + cast16 + chunk * e, cast16 + (12 if e == 2 else 16) * chunk)
     per_element = per_logit or (e + 4 + 4 if e == 2 else 8)
-    return seq_len * micro_batch * sequences * shape.vocab * per_element
+    tokens = min(seq_len, logit_tokens or seq_len)
+    return tokens * micro_batch * sequences * shape.vocab * per_element
 
 
 def kv_cache_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, precision: str = "bf16") -> float:
     """Generation (PPO/GRPO rollouts) keeps K and V of every layer."""
     return 2 * shape.layers * shape.kv_dim * seq_len * micro_batch * ELEMENT_BYTES[precision]
+
+
+# recipes/ppo.py's local_rollout_forward_batch_size: max(micro-batch, this); TRL samples the rollout in such chunks.
+PPO_ROLLOUT_CHUNK = 8
+
+
+def ppo_rollout_bytes(shape: ModelShape, *, rank_batch: int, micro_batch: int, response_tokens: int,
+                      prompt_tokens: int, precision: str = "bf16") -> tuple[float, float]:
+    """TRL's PPOTrainer (1.12) keeps generate's fp32 logits of every sampled token of the whole rollout batch
+    (`batch_generation` stacks each chunk's scores, pads the chunks into one tensor and returns it; it lives through
+    the update). Traced live: while the next rollout is sampled, the previous one's, the new chunks' and the new padded
+    tensor coexist. Returns (kept through training, peak while sampling beside the chunk's KV cache)."""
+    chunk = min(max(micro_batch, PPO_ROLLOUT_CHUNK), rank_batch)
+    rows = -(-rank_batch // chunk) * chunk  # a short last chunk is padded to the chunk size
+    kept = rows * response_tokens * shape.vocab * 4
+    cache = kv_cache_bytes(shape, seq_len=prompt_tokens + response_tokens, micro_batch=chunk, precision=precision)
+    return kept, 3 * kept + cache
 
 
 def bucket_elements(hidden: int) -> int:

@@ -44,6 +44,12 @@ class PlanRequest:
     deepspeed: bool = False  # a launcher started the run: DeepSpeed's engine trains it even on one rank at ZeRO-0
     sequences_per_example: int = 1  # 2 for preference pairs (DPO, reward modelling)
     generates: bool = False  # PPO/GRPO rollouts keep a KV cache
+    generates_rank_batch: bool = False  # GRPO samples the rank's whole batch (micro x accumulation) in one call
+    logit_tokens: Optional[int] = None  # tokens per sequence the loss takes logits of (GRPO: the completion)
+    rollout_logit_tokens: int = 0  # PPO: sampled tokens per rollout whose fp32 logits TRL keeps (see memory.py)
+    # False where the trainer runs without autocast: TRL's PPOTrainer builds its own Accelerator (mixed precision
+    # "no"), so in one process the 16-bit model computes in 16-bit and PEFT's fp32 adapters in fp32
+    autocast: bool = True
     lm_head: bool = True  # False for sequence-classification heads: no vocab-sized logits
     notes: list = field(default_factory=list)
 

@@ -150,10 +150,10 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
     if key not in ctx.cache:
         ctx.cache[key] = _states(ctx, stage, offload, hpz)
     states, models, host_per_rank, load = ctx.cache[key]
-    akey = (checkpointing, micro)
+    akey = (checkpointing, micro, ctx.single_process(stage, offload))
     if akey not in ctx.cache:
-        ctx.cache[akey] = _activations(ctx, checkpointing, micro)
-    activations = ctx.cache[akey]
+        ctx.cache[akey] = _activations(ctx, checkpointing, micro, akey[2])
+    activations, sampling = ctx.cache[akey]
     fixed = mem.runtime_bytes(device=inv.device, zero_stage=stage, hidden=ctx.shape.hidden,
                               precision=ctx.precision, dp=ctx.dp)
     gradients = states.gradients
@@ -161,6 +161,10 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
         # No DeepSpeed, no accumulation: HF frees the gradients after each step (zero_grad, set_to_none) and backward
         # makes them as it frees activations; only the lm_head's, the first it makes, meets all of them.
         gradients = max(_head_gradient_bytes(ctx), gradients - activations)
+    if sampling > activations + (gradients if ctx.single_process(stage, offload) else 0):
+        # PPO/GRPO sample rollouts between optimizer steps; in one process zero_grad has freed the gradients by then
+        # (DeepSpeed keeps its gradient buffers): the rollout is the peak
+        activations, gradients = sampling, (0 if ctx.single_process(stage, offload) else gradients)
     dynamic = states.weights + gradients + states.optimizer + activations
     parts = {"weights": int(states.weights), "gradients": int(gradients), "optimizer": int(states.optimizer),
              "activations": int(activations), "other": int(fixed + mem.FRAGMENTATION * dynamic)}
@@ -222,8 +226,12 @@ def _states(ctx: _Context, stage: int, offload: str, hpz: bool):
     return total, per_model, total.host, load
 
 
-def _activations(ctx: _Context, checkpointing: bool, micro: int) -> float:
+def _activations(ctx: _Context, checkpointing: bool, micro: int, single_process: bool) -> tuple[float, float]:
+    """(bytes held for backward at the training peak, bytes held while sampling a rollout: PPO/GRPO, else 0)."""
     req = ctx.request
+    # Without autocast (one process, request.autocast False) PEFT feeds its fp32 adapters fp32 copies of their
+    # inputs; DeepSpeed's bf16 engine holds the adapters in 16-bit like everything else.
+    lora_bytes = 4 if (single_process and not req.autocast) else None
     peak = 0.0
     for m in ctx.models:
         if not m.trainable:
@@ -234,17 +242,24 @@ def _activations(ctx: _Context, checkpointing: bool, micro: int) -> float:
                                    precision=ctx.precision, attention=req.attention, lora_r=lora_r,
                                    lora_targets=req.lora_targets, sequences=req.sequences_per_example,
                                    lora_dropout=req.lora_dropout if lora_r else 0.0, device=ctx.inventory.device,
-                                   trainable_base=not m.is_lora, quantized=m.quantized)
+                                   trainable_base=not m.is_lora, quantized=m.quantized,
+                                   lora_input_bytes=lora_bytes)
         head = 4 if m.quantized else _load_bytes(ctx, not m.is_lora and ctx.dp == 1)  # QLoRA upcasts it
         act += mem.logits_bytes(m.shape, seq_len=req.seq_len, micro_batch=micro, precision=ctx.precision,
                                 sequences=req.sequences_per_example, lm_head=req.lm_head and policy,
                                 chunk_tokens=req.loss_chunk_tokens if policy else 0, head_bytes=head,
-                                per_logit=req.logit_bytes)
-        peak = max(peak, act)  # several trainable models train one after another (PPO: policy, then value)
+                                per_logit=req.logit_bytes, logit_tokens=req.logit_tokens)
+        peak += act  # PPO's policy and value model run in one forward and one backward (TRL's PolicyAndValueWrapper)
+    if req.rollout_logit_tokens:  # PPO
+        kept, sampling = mem.ppo_rollout_bytes(ctx.shape, rank_batch=ctx.per_rank_batch, micro_batch=micro,
+                                               response_tokens=req.rollout_logit_tokens,
+                                               prompt_tokens=req.seq_len - req.rollout_logit_tokens,
+                                               precision=ctx.precision)
+        return peak + kept, sampling
     if req.generates:
-        peak = max(peak, mem.kv_cache_bytes(ctx.shape, seq_len=req.seq_len, micro_batch=micro,
-                                            precision=ctx.precision))
-    return peak
+        sampled = ctx.per_rank_batch if req.generates_rank_batch else micro
+        return peak, mem.kv_cache_bytes(ctx.shape, seq_len=req.seq_len, micro_batch=sampled, precision=ctx.precision)
+    return peak, 0.0
 
 
 def _micro_batches(ctx: _Context) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from launcher.errors import UserError
-from launcher.memory import DPO_LOGIT_BYTES, SFT_LOSS_CHUNK_TOKENS
+from launcher.memory import DPO_LOGIT_BYTES, GRPO_LOGIT_BYTES, SFT_LOSS_CHUNK_TOKENS
 from launcher.planner import ExtraModel, PlanRequest
 from launcher.shapes import ModelShape, resolve_shape
 
@@ -32,17 +32,28 @@ def request_from_recipe(cfg) -> PlanRequest:
     # TRL's SFTTrainer computes the LM loss in token chunks unless told otherwise (loss_type, or Liger's own loss)
     chunked = cfg.method in ("sft", "qlora") and not training.get("use_liger_kernel") and \
         training.get("loss_type", "chunked_nll") in (None, "chunked_nll")
+    # PPO/GRPO train on prompt + sampled answer: data.max_length bounds the prompt, the section the answer.
+    generated = _generated_tokens(cfg)
+    seq_len = cfg.data.max_length + generated
+    if generated:
+        notes.append(f"{cfg.method}: sequences of up to {seq_len} tokens = prompt (data.max_length "
+                     f"{cfg.data.max_length}) + {generated} generated")
+    if cfg.method == "ppo":
+        notes.append("ppo: activations include TRL's fp32 logits of every sampled token of the rank's rollout batch "
+                     "(kept through each update; three copies while the next rollout is sampled)")
     request = PlanRequest(
-        shape=shape, method=method, seq_len=cfg.data.max_length, global_batch_size=plan_cfg.global_batch_size,
+        shape=shape, method=method, seq_len=seq_len, global_batch_size=plan_cfg.global_batch_size,
         lora_r=cfg.peft.r, lora_targets=cfg.peft.target_modules, trainable_params=trainable,
         optimizer=training.get("optim") or "adamw_torch", zero_stage=plan_cfg.zero_stage,
         offload=plan_cfg.offload, micro_batch_size=plan_cfg.micro_batch_size,
         gradient_checkpointing=plan_cfg.gradient_checkpointing, memory_fraction=plan_cfg.memory_fraction,
         attention=attention, lora_dropout=float(cfg.peft.dropout or 0.0) if method != "full" else 0.0,
         loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS if chunked else 0, weight_dtype=cfg.model.dtype or "auto",
-        logit_bytes=DPO_LOGIT_BYTES if cfg.method == "dpo" else None,
+        logit_bytes={"dpo": DPO_LOGIT_BYTES, "grpo": GRPO_LOGIT_BYTES}.get(cfg.method),
+        logit_tokens=generated if cfg.method == "grpo" else None, generates_rank_batch=cfg.method == "grpo",
+        rollout_logit_tokens=generated if cfg.method == "ppo" else 0,
         sequences_per_example=2 if cfg.method in ("dpo", "rm") else 1,
-        generates=cfg.method in ("ppo", "grpo"), lm_head=cfg.method not in ("rm", "classify"), notes=notes)
+        generates=cfg.method in ("ppo", "grpo"), autocast=cfg.method != "ppo", lm_head=cfg.method not in ("rm", "classify"), notes=notes)
     reference = ExtraModel("reference", shape, trainable=False, quantized=method == "qlora")
     if cfg.method == "dpo":
         request.extra_models.append(reference)
@@ -54,6 +65,14 @@ def request_from_recipe(cfg) -> PlanRequest:
         value = _side_shape(ppo.get("value_model") or ppo.get("reward_model"), shape, "value", notes)
         request.extra_models += [reference, ExtraModel("reward", reward), ExtraModel("value", value, trainable=True)]
     return request
+
+
+def _generated_tokens(cfg) -> int:
+    """New tokens per rollout, with the recipes' defaults (recipes/grpo.py, recipes/ppo.py): eval.max_new_tokens."""
+    key = {"grpo": "max_completion_length", "ppo": "response_length"}.get(cfg.method)
+    if key is None:
+        return 0
+    return int(_section(cfg, cfg.method).get(key) or cfg.eval.max_new_tokens)
 
 
 def _section(cfg, name: str) -> dict:

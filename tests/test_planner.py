@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -357,7 +358,7 @@ def _cfg(method="sft", name="meta-llama/Llama-2-7b-hf", peft="none", load_in_4bi
     cfg = ns(method=method, model=ns(name=name, tiny=None, attn_implementation="sdpa", dtype="auto"),
              peft=ns(method=peft, r=16, target_modules="all-linear", num_virtual_tokens=16, dropout=0.05),
              quant=ns(load_in_4bit=load_in_4bit), data=ns(max_length=1024), plan=ns(**plan_cfg),
-             training={"optim": "paged_adamw_8bit"})
+             training={"optim": "paged_adamw_8bit"}, eval=ns(max_new_tokens=64))
     for key, value in (extra or {}).items():
         setattr(cfg, key, ns(**value))
     return cfg
@@ -449,6 +450,77 @@ def test_request_from_recipe_dpo_and_ppo():
     assert any("not found offline" in note for note in ppo.notes)
     p = plan(ppo, parse_spec("8xA100-80GB"))
     assert set(p.models) == {"policy", "reference", "reward", "value"}
+
+
+def test_rollout_methods_plan_prompt_plus_generated_tokens():
+    """GRPO/PPO train on prompt + sampled answer; GRPO takes logits of the completion only (16 B each, traced) and
+    samples the rank's whole batch at once (TRL's steps_per_generation = gradient accumulation)."""
+    grpo = request_from_recipe(_cfg("grpo", extra={"grpo": {"max_completion_length": 256}}))
+    assert (grpo.seq_len, grpo.logit_tokens, grpo.logit_bytes, grpo.generates_rank_batch) == \
+        (1024 + 256, 256, mem.GRPO_LOGIT_BYTES, True)
+    assert any("1280 tokens" in note for note in grpo.notes)
+    ppo = request_from_recipe(_cfg("ppo", extra={"ppo": {}}))  # response_length defaults to eval.max_new_tokens
+    assert (ppo.seq_len, ppo.logit_tokens, ppo.generates_rank_batch) == (1024 + 64, None, False)
+    assert request_from_recipe(_cfg("sft")).seq_len == 1024
+    shape = resolve_shape("qwen2.5-0.5b")
+    kw = dict(seq_len=1280, micro_batch=2, per_logit=mem.GRPO_LOGIT_BYTES)
+    assert mem.logits_bytes(shape, **kw, logit_tokens=256) == 256 * 2 * shape.vocab * 16
+    assert mem.logits_bytes(shape, **kw, logit_tokens=256) * 5 == mem.logits_bytes(shape, **kw)
+    # the KV cache of a whole-batch rollout grows with accumulation, a micro-batch's does not
+    long = resolve_shape("llama-2-7b")  # no GQA: a large cache
+    request = PlanRequest(method="lora", seq_len=4096, global_batch_size=64, zero_stage=0, offload="none",
+                          micro_batch_size=1, gradient_checkpointing=True, generates=True)
+    one = parse_spec("1xH100-80GB")
+    micro = plan(request, one, long).per_gpu_bytes["activations"]
+    whole = plan(replace(request, generates_rank_batch=True), one, long).per_gpu_bytes["activations"]
+    assert whole == mem.kv_cache_bytes(long, seq_len=4096, micro_batch=64) > micro
+
+
+def test_ppo_trains_policy_and_value_in_one_backward_without_autocast():
+    """TRL's PolicyAndValueWrapper: both models' activations coexist; its Accelerator has no mixed precision, so in
+    one process PEFT's fp32 adapters get fp32 copies of their inputs (traced live on CPU)."""
+    shape = resolve_shape("qwen2.5-0.5b")
+    kw = dict(seq_len=256, micro_batch=2, checkpointing=False, lora_r=16, lora_targets="all-linear")
+    policy = mem.activation_bytes(shape, **kw) + mem.logits_bytes(shape, seq_len=256, micro_batch=2)
+    value = mem.activation_bytes(shape, seq_len=256, micro_batch=2, checkpointing=False, trainable_base=True)
+    request = PlanRequest(method="lora", seq_len=256, global_batch_size=2, lora_r=16, zero_stage=0, offload="none",
+                          micro_batch_size=2, gradient_checkpointing=False, generates=True,
+                          extra_models=[ExtraModel("reward", shape), ExtraModel("value", shape, trainable=True)])
+    one = parse_spec("1xH100-80GB")
+    assert plan(request, one, shape).per_gpu_bytes["activations"] == pytest.approx(policy + value, rel=1e-9)
+    fp32_inputs = plan(replace(request, autocast=False), one, shape).per_gpu_bytes["activations"]
+    lora = mem.activation_bytes(shape, **kw) - mem.activation_bytes(shape, **{**kw, "lora_r": 0})
+    assert fp32_inputs - (policy + value) == pytest.approx(lora, rel=1e-9)  # 4 B instead of 2 per element
+    launched = plan(replace(request, autocast=False, deepspeed=True), one, shape).per_gpu_bytes["activations"]
+    assert launched == pytest.approx(policy + value, rel=1e-9)  # DeepSpeed's bf16 engine: 16-bit adapters
+
+
+def test_ppo_rollout_keeps_fp32_sampling_logits():
+    """TRL's batch_generation keeps every sampled token's fp32 logits for the whole rollout: through training, and
+    three copies while the next rollout is sampled (previous, the chunks, the padded result)."""
+    shape = resolve_shape("smollm2-135m")
+    v = shape.vocab
+    kept, sampling = mem.ppo_rollout_bytes(shape, rank_batch=16, micro_batch=1, response_tokens=256, prompt_tokens=64)
+    assert kept == 16 * 256 * v * 4
+    assert sampling == 3 * kept + mem.kv_cache_bytes(shape, seq_len=320, micro_batch=8)
+    assert mem.ppo_rollout_bytes(shape, rank_batch=4, micro_batch=1, response_tokens=8, prompt_tokens=8)[0] == \
+        4 * 8 * v * 4  # one short chunk: not padded to the chunk size
+    assert mem.ppo_rollout_bytes(shape, rank_batch=12, micro_batch=1, response_tokens=8, prompt_tokens=8)[0] == \
+        16 * 8 * v * 4  # 8 + 4 rows: the short chunk is padded to 8
+    request = PlanRequest(method="lora", seq_len=320, global_batch_size=16, lora_r=16, zero_stage=0, offload="none",
+                          micro_batch_size=1, gradient_checkpointing=False, generates=True, rollout_logit_tokens=256,
+                          extra_models=[ExtraModel("value", shape, trainable=True)])
+    one = parse_spec("1xH100-80GB")
+    with_rollout = plan(request, one, shape).per_gpu_bytes
+    without = plan(replace(request, rollout_logit_tokens=0, generates=False), one, shape).per_gpu_bytes
+    assert sampling > without["activations"] + kept + without["gradients"]
+    # the rollout peaks; sampled between optimizer steps, after zero_grad: no gradients then
+    assert (with_rollout["activations"], with_rollout["gradients"]) == (int(sampling), 0)
+    assert without["gradients"] > 0
+    short = replace(request, global_batch_size=1, seq_len=16, rollout_logit_tokens=8)  # training peaks
+    assert plan(short, one, shape).per_gpu_bytes["activations"] == pytest.approx(
+        plan(replace(short, rollout_logit_tokens=0, generates=False), one, shape).per_gpu_bytes["activations"] +
+        mem.ppo_rollout_bytes(shape, rank_batch=1, micro_batch=1, response_tokens=8, prompt_tokens=8)[0], abs=1)
 
 
 def test_real_recipes_plan_offline():
