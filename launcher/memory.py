@@ -258,12 +258,13 @@ PPO_ROLLOUT_CHUNK = 8
 
 
 def ppo_rollout_bytes(shape: ModelShape, *, rank_batch: int, micro_batch: int, response_tokens: int,
-                      prompt_tokens: int, precision: str = "bf16") -> tuple[float, float]:
+                      prompt_tokens: int, precision: str = "bf16", chunk: int = 0) -> tuple[float, float]:
     """TRL's PPOTrainer (1.12) keeps generate's fp32 logits of every sampled token of the whole rollout batch
     (`batch_generation` stacks each chunk's scores, pads the chunks into one tensor and returns it; it lives through
     the update). Traced live: while the next rollout is sampled, the previous one's, the new chunks' and the new padded
-    tensor coexist. Returns (kept through training, peak while sampling beside the chunk's KV cache)."""
-    chunk = min(max(micro_batch, PPO_ROLLOUT_CHUNK), rank_batch)
+    tensor coexist. Returns (kept through training, peak while sampling beside the chunk's KV cache).
+    `chunk`: local_rollout_forward_batch_size when the recipe sets it."""
+    chunk = min(chunk or max(micro_batch, PPO_ROLLOUT_CHUNK), rank_batch)
     rows = -(-rank_batch // chunk) * chunk  # a short last chunk is padded to the chunk size
     kept = rows * response_tokens * shape.vocab * 4
     cache = kv_cache_bytes(shape, seq_len=prompt_tokens + response_tokens, micro_batch=chunk, precision=precision)

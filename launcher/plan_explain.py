@@ -106,10 +106,11 @@ def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, p
                 nodes = f"{inv.nodes}x" if inv.nodes > 1 else ""
                 ideas.append(f"{nodes}{inv.ranks_per_node}x{inv.gpu.name}-{inv.gpu.total_bytes / GiB:.0f}GB")
                 break
-    seq = request.seq_len // 2
+    generated = request.generated_tokens  # PPO/GRPO: shorten the prompt (data.max_length), not the answer
+    seq = (request.seq_len - generated) // 2
     while seq >= 64:
-        if fits(replace(request, seq_len=seq)):
-            ideas.append(f"seq_len {seq}")
+        if fits(replace(request, seq_len=seq + generated)):
+            ideas.append(f"data.max_length {seq}" if generated else f"seq_len {seq}")
             break
         seq //= 2
     return ideas

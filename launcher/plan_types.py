@@ -24,7 +24,7 @@ class ExtraModel:
 class PlanRequest:
     shape: Optional[ModelShape] = None
     method: str = "full"  # 'full' | 'lora' | 'qlora'
-    seq_len: int = 2048
+    seq_len: int = 2048  # tokens per sequence; PPO/GRPO: prompt + generated_tokens
     global_batch_size: int = 16
     lora_r: int = 16
     lora_targets: object = "all-linear"
@@ -44,9 +44,11 @@ class PlanRequest:
     deepspeed: bool = False  # a launcher started the run: DeepSpeed's engine trains it even on one rank at ZeRO-0
     sequences_per_example: int = 1  # 2 for preference pairs (DPO, reward modelling)
     generates: bool = False  # PPO/GRPO rollouts keep a KV cache
+    generated_tokens: int = 0  # PPO/GRPO: tokens sampled per sequence (part of seq_len)
     generates_rank_batch: bool = False  # GRPO samples the rank's whole batch (micro x accumulation) in one call
     logit_tokens: Optional[int] = None  # tokens per sequence the loss takes logits of (GRPO: the completion)
-    rollout_logit_tokens: int = 0  # PPO: sampled tokens per rollout whose fp32 logits TRL keeps (see memory.py)
+    keeps_rollout_logits: bool = False  # PPO: TRL keeps fp32 logits of every sampled token (memory.ppo_rollout_bytes)
+    rollout_chunk: int = 0  # PPO's local_rollout_forward_batch_size; 0: the recipe's max(micro, PPO_ROLLOUT_CHUNK)
     # False where the trainer runs without autocast: TRL's PPOTrainer builds its own Accelerator (mixed precision
     # "no"), so in one process the 16-bit model computes in 16-bit and PEFT's fp32 adapters in fp32
     autocast: bool = True
@@ -86,7 +88,7 @@ class Plan:
     rejected: list = field(default_factory=list)
     bucket_elements: int = 0
     hidden_size: int = 0
-    single_process: bool = False  # one plain process, no DeepSpeed engine: HF + torch autocast alone
+    single_process: bool = False  # one plain process, no DeepSpeed engine: HF (+ torch autocast) alone
 
     @property
     def offload(self) -> str:

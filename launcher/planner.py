@@ -55,7 +55,8 @@ class _Context:
     cache: dict = field(default_factory=dict)
 
     def single_process(self, stage: int, offload: str) -> bool:
-        """One rank, no ZeRO, no offload, no launcher: `ftlaunch run` without DeepSpeed, plain torch autocast."""
+        """One rank, no ZeRO, no offload, no launcher: `ftlaunch run` without DeepSpeed (torch autocast, unless the
+        trainer does without: PlanRequest.autocast)."""
         return not self.request.deepspeed and self.dp == 1 and stage == 0 and offload == "none"
 
 
@@ -150,21 +151,27 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
     if key not in ctx.cache:
         ctx.cache[key] = _states(ctx, stage, offload, hpz)
     states, models, host_per_rank, load = ctx.cache[key]
-    akey = (checkpointing, micro, ctx.single_process(stage, offload))
+    single = ctx.single_process(stage, offload)
+    akey = ("activations", checkpointing, micro, single)
     if akey not in ctx.cache:
-        ctx.cache[akey] = _activations(ctx, checkpointing, micro, akey[2])
-    activations, sampling = ctx.cache[akey]
+        ctx.cache[akey] = _activations(ctx, checkpointing, micro, single)
+    backward, kept, sampling = ctx.cache[akey]
+    activations = backward + kept
     fixed = mem.runtime_bytes(device=inv.device, zero_stage=stage, hidden=ctx.shape.hidden,
                               precision=ctx.precision, dp=ctx.dp)
     gradients = states.gradients
-    if ctx.single_process(stage, offload) and ctx.per_rank_batch == micro:
+    if single and ctx.per_rank_batch == micro:
         # No DeepSpeed, no accumulation: HF frees the gradients after each step (zero_grad, set_to_none) and backward
         # makes them as it frees activations; only the lm_head's, the first it makes, meets all of them.
-        gradients = max(_head_gradient_bytes(ctx), gradients - activations)
-    if sampling > activations + (gradients if ctx.single_process(stage, offload) else 0):
+        gradients = max(_head_gradient_bytes(ctx), gradients - backward)
+    if sampling and stage == 3:
+        # TRL gathers the trained model(s) whole for generation (ds3_gather_for_generation, its default)
+        sampling += sum(m.trainable * mem.ELEMENT_BYTES[ctx.precision] + m.frozen_bytes
+                        for m in ctx.models if m.trainable) * (1 - 1 / ctx.dp)
+    if sampling > activations + (gradients if single else 0):
         # PPO/GRPO sample rollouts between optimizer steps; in one process zero_grad has freed the gradients by then
         # (DeepSpeed keeps its gradient buffers): the rollout is the peak
-        activations, gradients = sampling, (0 if ctx.single_process(stage, offload) else gradients)
+        activations, gradients = sampling, (0 if single else gradients)
     dynamic = states.weights + gradients + states.optimizer + activations
     parts = {"weights": int(states.weights), "gradients": int(gradients), "optimizer": int(states.optimizer),
              "activations": int(activations), "other": int(fixed + mem.FRAGMENTATION * dynamic)}
@@ -226,8 +233,9 @@ def _states(ctx: _Context, stage: int, offload: str, hpz: bool):
     return total, per_model, total.host, load
 
 
-def _activations(ctx: _Context, checkpointing: bool, micro: int, single_process: bool) -> tuple[float, float]:
-    """(bytes held for backward at the training peak, bytes held while sampling a rollout: PPO/GRPO, else 0)."""
+def _activations(ctx: _Context, checkpointing: bool, micro: int, single_process: bool) -> tuple[float, float, float]:
+    """(bytes held for backward at the training peak, bytes beside them that backward does not free (PPO's rollout
+    logits), bytes held while sampling a rollout: PPO/GRPO, else 0)."""
     req = ctx.request
     # Without autocast (one process, request.autocast False) PEFT feeds its fp32 adapters fp32 copies of their
     # inputs; DeepSpeed's bf16 engine holds the adapters in 16-bit like everything else.
@@ -250,16 +258,17 @@ def _activations(ctx: _Context, checkpointing: bool, micro: int, single_process:
                                 chunk_tokens=req.loss_chunk_tokens if policy else 0, head_bytes=head,
                                 per_logit=req.logit_bytes, logit_tokens=req.logit_tokens)
         peak += act  # PPO's policy and value model run in one forward and one backward (TRL's PolicyAndValueWrapper)
-    if req.rollout_logit_tokens:  # PPO
+    if req.keeps_rollout_logits:  # PPO
         kept, sampling = mem.ppo_rollout_bytes(ctx.shape, rank_batch=ctx.per_rank_batch, micro_batch=micro,
-                                               response_tokens=req.rollout_logit_tokens,
-                                               prompt_tokens=req.seq_len - req.rollout_logit_tokens,
-                                               precision=ctx.precision)
-        return peak + kept, sampling
+                                               response_tokens=req.generated_tokens,
+                                               prompt_tokens=req.seq_len - req.generated_tokens,
+                                               precision=ctx.precision, chunk=req.rollout_chunk)
+        return peak, kept, sampling
     if req.generates:
         sampled = ctx.per_rank_batch if req.generates_rank_batch else micro
-        return peak, mem.kv_cache_bytes(ctx.shape, seq_len=req.seq_len, micro_batch=sampled, precision=ctx.precision)
-    return peak, 0.0
+        return peak, 0.0, mem.kv_cache_bytes(ctx.shape, seq_len=req.seq_len, micro_batch=sampled,
+                                             precision=ctx.precision)
+    return peak, 0.0, 0.0
 
 
 def _micro_batches(ctx: _Context) -> list[int]:

@@ -50,10 +50,11 @@ def request_from_recipe(cfg) -> PlanRequest:
         attention=attention, lora_dropout=float(cfg.peft.dropout or 0.0) if method != "full" else 0.0,
         loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS if chunked else 0, weight_dtype=cfg.model.dtype or "auto",
         logit_bytes={"dpo": DPO_LOGIT_BYTES, "grpo": GRPO_LOGIT_BYTES}.get(cfg.method),
-        logit_tokens=generated if cfg.method == "grpo" else None, generates_rank_batch=cfg.method == "grpo",
-        rollout_logit_tokens=generated if cfg.method == "ppo" else 0,
-        sequences_per_example=2 if cfg.method in ("dpo", "rm") else 1,
-        generates=cfg.method in ("ppo", "grpo"), autocast=cfg.method != "ppo", lm_head=cfg.method not in ("rm", "classify"), notes=notes)
+        generated_tokens=generated, logit_tokens=generated if cfg.method == "grpo" else None,
+        generates_rank_batch=cfg.method == "grpo", keeps_rollout_logits=cfg.method == "ppo",
+        rollout_chunk=int(_section(cfg, "ppo").get("local_rollout_forward_batch_size") or 0),
+        sequences_per_example=2 if cfg.method in ("dpo", "rm") else 1, generates=cfg.method in ("ppo", "grpo"),
+        autocast=cfg.method != "ppo", lm_head=cfg.method not in ("rm", "classify"), notes=notes)
     reference = ExtraModel("reference", shape, trainable=False, quantized=method == "qlora")
     if cfg.method == "dpo":
         request.extra_models.append(reference)
@@ -72,7 +73,7 @@ def _generated_tokens(cfg) -> int:
     key = {"grpo": "max_completion_length", "ppo": "response_length"}.get(cfg.method)
     if key is None:
         return 0
-    return int(_section(cfg, cfg.method).get(key) or cfg.eval.max_new_tokens)
+    return int(_section(cfg, cfg.method).get(key, cfg.eval.max_new_tokens))
 
 
 def _section(cfg, name: str) -> dict:

@@ -356,7 +356,7 @@ def _handle_length(ds, kind, label, tokenizer, max_length, too_long, stats):
         ds = ds.filter(lambda n: n <= max_length, input_columns="_n_tokens", desc="Dropping over-long rows")
         stats["dropped"]["too_long"] = stats["dropped"].get("too_long", 0) + over
     elif over:
-        # Kept; the trainer cuts them at max_length tokens (SFTConfig/DPOConfig max_length, tokenizer truncation).
+        # Kept; cut at max_length tokens by the trainer (SFTConfig/DPOConfig max_length) or the recipe (PPO, GRPO).
         stats["truncated"] += over
     return ds.remove_columns("_n_tokens")
 

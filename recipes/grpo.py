@@ -32,6 +32,8 @@ def build(ctx):
                         "directory, or a list of them")
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path, padding_side="left")
+    if bundle.stats.get("truncated"):
+        bundle.train = cut_prompts(bundle.train, tokenizer, cfg.data.max_length)
     reward_fns = {n: rewards.resolve(n, tokenizer, "grpo.reward") for n in names}
 
     num_generations = int(section.get("num_generations", 4))
@@ -62,3 +64,26 @@ def build(ctx):
             ctx, bundle.eval.to_list(), lambda when: builder.load_for_eval(cfg, plan, path, ctx.output_dir, when),
             {n.rstrip("/").split("/")[-1]: fn for n, fn in reward_fns.items()})
     return trainer, evaluator
+
+
+def cut_prompts(dataset, tokenizer, max_length: int):
+    """TRL 1.12's GRPOTrainer tokenises prompts whole (it has no max_prompt_length); the plan sized them at
+    data.max_length. Keep the last max_length tokens of longer text prompts (the end is where the answer starts, as
+    PPO's tokenize_prompts keeps); conversational prompts cannot be cut that way and are refused."""
+
+    def cut(row):
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):
+            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_length:
+                return {"prompt": prompt}
+            raise UserError(f"data.max_length: a conversational GRPO prompt is longer than {max_length} tokens; raise "
+                            f"data.max_length or set data.too_long=drop")
+        ids = tokenizer(prompt)["input_ids"]
+        while len(ids) > max_length:  # cut at a token boundary; a re-tokenised cut may merge differently: repeat
+            offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            prompt = prompt[offsets[min(len(offsets) - 1, len(ids) - max_length)][0]:]
+            ids = tokenizer(prompt)["input_ids"]
+        return {"prompt": prompt}
+
+    return dataset.map(cut, desc="Cutting over-long prompts")

@@ -27,6 +27,7 @@ import os
 import sys
 
 from launcher.errors import UserError
+from launcher.memory import PPO_ROLLOUT_CHUNK  # the planner sizes the rollout with the same chunk
 from recipes import builder, common, rewards
 
 DATA_KIND = "prompts"
@@ -150,7 +151,7 @@ def build(ctx):
         missing_eos_penalty=section.get("missing_eos_penalty", 1.0),
         stop_token="eos", num_sample_generations=0,
         local_rollout_forward_batch_size=int(section.get("local_rollout_forward_batch_size",
-                                                         max(plan.micro_batch_size, 8))),
+                                                         max(plan.micro_batch_size, PPO_ROLLOUT_CHUNK))),
         learning_rate=1e-5,
         # PPOConfig declares world_size as a field (PPOTrainer overwrites it with the accelerator's count); left None,
         # TrainingArguments' DeepSpeed set-up multiplies by it before the trainer exists.

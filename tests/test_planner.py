@@ -459,8 +459,10 @@ def test_rollout_methods_plan_prompt_plus_generated_tokens():
     assert (grpo.seq_len, grpo.logit_tokens, grpo.logit_bytes, grpo.generates_rank_batch) == \
         (1024 + 256, 256, mem.GRPO_LOGIT_BYTES, True)
     assert any("1280 tokens" in note for note in grpo.notes)
-    ppo = request_from_recipe(_cfg("ppo", extra={"ppo": {}}))  # response_length defaults to eval.max_new_tokens
-    assert (ppo.seq_len, ppo.logit_tokens, ppo.generates_rank_batch) == (1024 + 64, None, False)
+    ppo = request_from_recipe(_cfg("ppo", extra={"ppo": {"local_rollout_forward_batch_size": 4}}))
+    assert (ppo.seq_len, ppo.logit_tokens, ppo.generates_rank_batch) == (1024 + 64, None, False)  # eval's 64 tokens
+    assert (ppo.generated_tokens, ppo.keeps_rollout_logits, ppo.rollout_chunk, ppo.autocast) == (64, True, 4, False)
+    assert grpo.autocast and not grpo.keeps_rollout_logits and grpo.generated_tokens == 256
     assert request_from_recipe(_cfg("sft")).seq_len == 1024
     shape = resolve_shape("qwen2.5-0.5b")
     kw = dict(seq_len=1280, micro_batch=2, per_logit=mem.GRPO_LOGIT_BYTES)
@@ -508,19 +510,32 @@ def test_ppo_rollout_keeps_fp32_sampling_logits():
     assert mem.ppo_rollout_bytes(shape, rank_batch=12, micro_batch=1, response_tokens=8, prompt_tokens=8)[0] == \
         16 * 8 * v * 4  # 8 + 4 rows: the short chunk is padded to 8
     request = PlanRequest(method="lora", seq_len=320, global_batch_size=16, lora_r=16, zero_stage=0, offload="none",
-                          micro_batch_size=1, gradient_checkpointing=False, generates=True, rollout_logit_tokens=256,
-                          extra_models=[ExtraModel("value", shape, trainable=True)])
+                          micro_batch_size=1, gradient_checkpointing=False, generates=True, generated_tokens=256,
+                          keeps_rollout_logits=True, extra_models=[ExtraModel("value", shape, trainable=True)])
     one = parse_spec("1xH100-80GB")
     with_rollout = plan(request, one, shape).per_gpu_bytes
-    without = plan(replace(request, rollout_logit_tokens=0, generates=False), one, shape).per_gpu_bytes
+    without = plan(replace(request, keeps_rollout_logits=False, generates=False), one, shape).per_gpu_bytes
     assert sampling > without["activations"] + kept + without["gradients"]
     # the rollout peaks; sampled between optimizer steps, after zero_grad: no gradients then
     assert (with_rollout["activations"], with_rollout["gradients"]) == (int(sampling), 0)
     assert without["gradients"] > 0
-    short = replace(request, global_batch_size=1, seq_len=16, rollout_logit_tokens=8)  # training peaks
-    assert plan(short, one, shape).per_gpu_bytes["activations"] == pytest.approx(
-        plan(replace(short, rollout_logit_tokens=0, generates=False), one, shape).per_gpu_bytes["activations"] +
-        mem.ppo_rollout_bytes(shape, rank_batch=1, micro_batch=1, response_tokens=8, prompt_tokens=8)[0], abs=1)
+    # training peaks (one micro-batch, no accumulation): the kept logits add to the activations, and backward, which
+    # frees activations while it makes gradients, does not free them
+    short = replace(request, global_batch_size=1, seq_len=16, generated_tokens=8)
+    with_kept = plan(short, one, shape).per_gpu_bytes
+    plain = plan(replace(short, keeps_rollout_logits=False, generates=False), one, shape).per_gpu_bytes
+    kept_short = mem.ppo_rollout_bytes(shape, rank_batch=1, micro_batch=1, response_tokens=8, prompt_tokens=8)[0]
+    assert with_kept["activations"] == pytest.approx(plain["activations"] + kept_short, abs=1)
+    assert with_kept["gradients"] == plain["gradients"] > 0
+    # under DeepSpeed the gradient buffers stay while the rollout is sampled
+    launched = plan(replace(request, deepspeed=True), one, shape).per_gpu_bytes
+    assert launched["activations"] == int(sampling) and launched["gradients"] > 0
+    # ZeRO-3 gathers the trained models (policy + value) whole for generation
+    two = parse_spec("2xH100-80GB")
+    sharded = replace(request, global_batch_size=32, zero_stage=3)
+    n, lora = shape.num_params, mem.lora_params(shape, 16, "all-linear")
+    gathered = (lora * 2 + n * 2 + n * 2) / 2  # policy (adapters + frozen base) and value, less this rank's half
+    assert plan(sharded, two, shape).per_gpu_bytes["activations"] == pytest.approx(sampling + gathered, rel=1e-6)
 
 
 def test_real_recipes_plan_offline():

@@ -119,6 +119,26 @@ def test_grpo_tiny_reward_model_reward_rises(tmp_path, rm_dir):
     assert "reward/arith" in after and "accuracy" in after
 
 
+def test_grpo_prompts_are_cut_to_the_planned_length():
+    """TRL's GRPOTrainer keeps whole prompts; the plan sized them at data.max_length: the recipe keeps their end."""
+    from datasets import Dataset
+
+    from launcher.errors import UserError
+    from recipes.grpo import cut_prompts
+    from recipes.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    rows = Dataset.from_list([{"prompt": "1234567890" * 5, "answer": "1"}, {"prompt": "12+3=", "answer": "15"}])
+    out = cut_prompts(rows, tokenizer, 16).to_list()
+    assert [len(tokenizer(r["prompt"])["input_ids"]) for r in out] == [16, 6]
+    assert out[0]["prompt"] == ("1234567890" * 5)[-15:] and out[1] == {"prompt": "12+3=", "answer": "15"}
+    short_chat = Dataset.from_list([{"prompt": [{"role": "user", "content": "1"}]}])
+    assert cut_prompts(short_chat, tokenizer, 64).to_list() == short_chat.to_list()
+    chat = Dataset.from_list([{"prompt": [{"role": "user", "content": "1" * 40}]}])
+    with pytest.raises(UserError, match="data.max_length"):
+        cut_prompts(chat, tokenizer, 16)
+
+
 def test_grpo_reward_names_are_a_registry_not_code():
     from launcher.errors import UserError
     from recipes import rewards
