@@ -53,6 +53,8 @@ class PlanRequest:
     # "no"), so in one process the 16-bit model computes in 16-bit and PEFT's fp32 adapters in fp32
     autocast: bool = True
     lm_head: bool = True  # False for sequence-classification heads: no vocab-sized logits
+    # TRL's SFT/DPO/GRPO/reward trainers (1.12) convert the adapters of a 4-bit model to bf16 (QLoRA paper, §3)
+    quantized_adapter_bytes: int = 4
     notes: list = field(default_factory=list)
 
 

@@ -206,6 +206,9 @@ def _states(ctx: _Context, stage: int, offload: str, hpz: bool):
         param_bytes, state_bytes = 4, ctx.state_bytes  # adapters and DeepSpeed's masters: fp32
         if single_process and not m.is_lora and m.trainable:
             param_bytes = _load_bytes(ctx, True)
+        elif single_process and m.is_lora and m.quantized:
+            param_bytes = ctx.request.quantized_adapter_bytes
+        if param_bytes != 4:
             state_bytes = mem.optimizer_state_bytes(ctx.request.optimizer, param_bytes)
         s = mem.model_states(trainable=m.trainable, frozen_bytes=m.frozen_bytes, precision=ctx.precision,
                              state_bytes=state_bytes, param_bytes=param_bytes, zero_stage=stage, dp=ctx.dp,

@@ -452,6 +452,23 @@ def test_request_from_recipe_dpo_and_ppo():
     assert set(p.models) == {"policy", "reference", "reward", "value"}
 
 
+def test_qlora_adapters_in_bf16_under_trl_trainers():
+    """TRL's SFT/DPO/GRPO/reward trainers convert a 4-bit model's adapters to bf16 (traced: bf16 LoRA weights and
+    AdamW states); the HF Trainer (classification) keeps PEFT's fp32 adapters; DeepSpeed keeps fp32 masters."""
+    assert request_from_recipe(_cfg("qlora", peft="lora", load_in_4bit=True)).quantized_adapter_bytes == 2
+    assert request_from_recipe(_cfg("classify", peft="lora", load_in_4bit=True)).quantized_adapter_bytes == 4
+    shape = resolve_shape("llama-2-7b")
+    request = PlanRequest(method="qlora", seq_len=512, global_batch_size=2, lora_r=64, optimizer="adamw_torch",
+                          zero_stage=0, offload="none", micro_batch_size=1, gradient_checkpointing=True)
+    one = parse_spec("1xRTX3090-24GB")
+    n = mem.lora_params(shape, 64, "all-linear")
+    fp32, bf16 = (plan(replace(request, quantized_adapter_bytes=b), one, shape).per_gpu_bytes for b in (4, 2))
+    assert (fp32["optimizer"], bf16["optimizer"]) == (8 * n, 4 * n)  # AdamW states in the parameter's dtype
+    assert fp32["weights"] - bf16["weights"] == 2 * n and (fp32["gradients"], bf16["gradients"]) == (4 * n, 2 * n)
+    launched = plan(replace(request, quantized_adapter_bytes=2, deepspeed=True), one, shape).per_gpu_bytes
+    assert launched["optimizer"] == 12 * n  # fp32 master + Adam, whatever TRL cast the adapters to
+
+
 def test_rollout_methods_plan_prompt_plus_generated_tokens():
     """GRPO/PPO train on prompt + sampled answer; GRPO takes logits of the completion only (16 B each, traced) and
     samples the rank's whole batch at once (TRL's steps_per_generation = gradient accumulation)."""
