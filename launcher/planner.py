@@ -162,8 +162,11 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
     gradients = states.gradients
     if single and ctx.per_rank_batch == micro:
         # No DeepSpeed, no accumulation: HF frees the gradients after each step (zero_grad, set_to_none) and backward
-        # makes them as it frees activations; only the lm_head's, the first it makes, meets all of them.
-        gradients = max(_head_gradient_bytes(ctx), gradients - backward)
+        # makes them as it frees activations; only the lm_head's, the first it makes, meets all of them. A tied
+        # embedding ends backward with three vocab-sized tensors at once: its two contributions and their sum (traced).
+        head = _head_gradient_bytes(ctx)
+        tied = 2 * head if ctx.shape.tied_embeddings else 0
+        gradients = max(head, gradients + tied - backward)
     if sampling and stage == 3:
         # TRL gathers the trained model(s) whole for generation (ds3_gather_for_generation, its default)
         sampling += sum(m.trainable * mem.ELEMENT_BYTES[ctx.precision] + m.frozen_bytes

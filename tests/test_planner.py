@@ -390,9 +390,9 @@ def test_single_process_full_finetune_trains_in_the_load_dtype():
                                  weight_dtype=dtype), one, shape).per_gpu_bytes
         assert parts["weights"] + parts["optimizer"] == pytest.approx(per_param * n, rel=1e-6)
         # gradients are freed after each step and made as backward frees activations: at the peak, the lm_head's
-        # (the first backward makes) or the rest beyond the activations
+        # (the first backward makes) or the rest beyond the activations (with the tied embedding's two extra copies)
         head = shape.vocab * shape.hidden * per_param / 3
-        assert parts["gradients"] == int(max(head, per_param / 3 * n - parts["activations"]))
+        assert parts["gradients"] == int(max(head, per_param / 3 * n + 2 * head - parts["activations"]))
     # under a launcher DeepSpeed's engine runs even on one GPU at ZeRO-0: bf16 weights and grads, fp32 masters,
     # fp32 grads and Adam states (2 + 6 + 12 B/param), all of it kept
     launched = plan(PlanRequest(method="full", seq_len=512, global_batch_size=1, zero_stage=0, offload="none",
@@ -450,6 +450,21 @@ def test_request_from_recipe_dpo_and_ppo():
     assert any("not found offline" in note for note in ppo.notes)
     p = plan(ppo, parse_spec("8xA100-80GB"))
     assert set(p.models) == {"policy", "reference", "reward", "value"}
+
+
+def test_tied_embedding_gradients_at_the_end_of_backward():
+    """One process, no accumulation: the peak is the start of backward (activations + the head's gradient) or its
+    end (every gradient; a tied embedding's two contributions and their sum coexist, traced on qwen2.5-0.5b)."""
+    one = parse_spec("1xH100-80GB")
+    for name, tied in (("qwen2.5-0.5b", True), ("llama-2-7b", False)):
+        shape = resolve_shape(name)
+        assert shape.tied_embeddings == tied
+        request = PlanRequest(method="full", seq_len=256, global_batch_size=1, zero_stage=0, offload="none",
+                              micro_batch_size=1, gradient_checkpointing=True)
+        parts = plan(request, one, shape).per_gpu_bytes
+        grads, head = 2 * shape.num_params, 2 * shape.vocab * shape.hidden  # bf16, trained in its load dtype
+        extra = 2 * head if tied else 0
+        assert parts["gradients"] == int(max(head, grads + extra - parts["activations"]))
 
 
 def test_qlora_adapters_in_bf16_under_trl_trainers():
