@@ -5,8 +5,9 @@ Search: every ZeRO stage {0,1,2,3} x offload {none, optimizer, all (ZeRO-3 only)
 when its predicted peak per rank <= memory_fraction x capacity (and, with offload, the node's host RAM holds the
 offloaded states). Among those that fit, the lowest predicted step time wins (launcher/cost.py).
 
-Explanations of the choice, rejections and "what would fit" suggestions: launcher/plan_explain.py. From a recipe to a
-PlanRequest: launcher/recipe_request.py. The request and plan types: launcher/plan_types.py.
+What one rank holds at the peak of a candidate: launcher/peak.py (formulas: launcher/memory.py). Explanations of the
+choice, rejections and "what would fit" suggestions: launcher/plan_explain.py. From a recipe to a PlanRequest:
+launcher/recipe_request.py. The request and plan types: launcher/plan_types.py.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Optional
 
 from launcher import memory as mem
 from launcher.errors import UserError
-from launcher import plan_explain as explain
+from launcher import peak, plan_explain as explain
 from launcher.cost import step_seconds
 from launcher.inventory import Inventory
 from launcher.plan_types import ExtraModel, Plan, PlanRequest  # noqa: F401  (re-exported: callers import them here)
@@ -147,134 +148,13 @@ def _context(request: PlanRequest, inventory: Inventory, shape: ModelShape) -> _
 def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro: int, hpz: bool) -> _Result:
     """Predicted per-rank bytes, host bytes per node and step time of one candidate."""
     inv = ctx.inventory
-    key = (stage, offload, hpz)
-    if key not in ctx.cache:
-        ctx.cache[key] = _states(ctx, stage, offload, hpz)
-    states, models, host_per_rank, load = ctx.cache[key]
-    single = ctx.single_process(stage, offload)
-    akey = ("activations", checkpointing, micro, single)
-    if akey not in ctx.cache:
-        ctx.cache[akey] = _activations(ctx, checkpointing, micro, single)
-    backward, kept, sampling = ctx.cache[akey]
-    activations = backward + kept
-    fixed = mem.runtime_bytes(device=inv.device, zero_stage=stage, hidden=ctx.shape.hidden,
-                              precision=ctx.precision, dp=ctx.dp)
-    gradients = states.gradients
-    if single and ctx.per_rank_batch == micro:
-        # No DeepSpeed, no accumulation: HF frees the gradients after each step (zero_grad, set_to_none) and backward
-        # makes them as it frees activations; only the lm_head's, the first it makes, meets all of them. A tied
-        # embedding ends backward with three vocab-sized tensors at once: its two contributions and their sum (traced).
-        head = _head_gradient_bytes(ctx)
-        tied = 2 * head if ctx.shape.tied_embeddings else 0
-        gradients = max(head, gradients + tied - backward)
-    if sampling and stage == 3:
-        # TRL gathers the trained model(s) whole for generation (ds3_gather_for_generation, its default)
-        sampling += sum(m.trainable * mem.ELEMENT_BYTES[ctx.precision] + m.frozen_bytes
-                        for m in ctx.models if m.trainable) * (1 - 1 / ctx.dp)
-    if sampling > activations + (gradients if single else 0):
-        # PPO/GRPO sample rollouts between optimizer steps; in one process zero_grad has freed the gradients by then
-        # (DeepSpeed keeps its gradient buffers): the rollout is the peak
-        activations, gradients = sampling, (0 if single else gradients)
-    dynamic = states.weights + gradients + states.optimizer + activations
-    parts = {"weights": int(states.weights), "gradients": int(gradients), "optimizer": int(states.optimizer),
-             "activations": int(activations), "other": int(fixed + mem.FRAGMENTATION * dynamic)}
-    parts["total"] = sum(parts.values())
+    parts, models, host_per_rank, load = peak.peak_parts(ctx, stage, offload, checkpointing, micro, hpz)
     host = mem.host_bytes_per_node(ranks_per_node=inv.ranks_per_node, offloaded_per_rank=host_per_rank,
                                    load_per_rank=load) if inv.device == "cuda" else parts["total"] * inv.ranks_per_node
     host_ok = ctx.host_capacity is None or host <= ctx.host_capacity
     seconds = step_seconds(ctx, stage, offload, checkpointing, micro, hpz)
     return _Result(stage, offload, checkpointing, micro, hpz, parts, host, models, seconds,
                    parts["total"] <= ctx.usable, host_ok)
-
-
-def _load_bytes(ctx: _Context, full_single_process: bool) -> int:
-    """Bytes per weight as loaded (mem.load_dtype); for a full fine-tune in one process, also as trained."""
-    dtype = mem.load_dtype(ctx.request.weight_dtype, ctx.precision, full_single_process=full_single_process)
-    return {"bfloat16": 2, "float16": 2}.get(dtype, 4)
-
-
-def _head_gradient_bytes(ctx: _Context) -> float:
-    policy = ctx.models[0]
-    if policy.is_lora or not policy.trainable or not ctx.request.lm_head:
-        return 0.0
-    return policy.shape.vocab * policy.shape.hidden * _load_bytes(ctx, True)
-
-
-def _states(ctx: _Context, stage: int, offload: str, hpz: bool):
-    total = mem.ModelStates()
-    per_model = {}
-    single_process = ctx.single_process(stage, offload)
-    load = 0.0
-    for m in ctx.models:
-        param_bytes, state_bytes = 4, ctx.state_bytes  # adapters and DeepSpeed's masters: fp32
-        if single_process and not m.is_lora and m.trainable:
-            param_bytes = _load_bytes(ctx, True)
-        elif single_process and m.is_lora and m.quantized:
-            param_bytes = ctx.request.quantized_adapter_bytes
-        if param_bytes != 4:
-            state_bytes = mem.optimizer_state_bytes(ctx.request.optimizer, param_bytes)
-        s = mem.model_states(trainable=m.trainable, frozen_bytes=m.frozen_bytes, precision=ctx.precision,
-                             state_bytes=state_bytes, param_bytes=param_bytes, zero_stage=stage, dp=ctx.dp,
-                             offload_optimizer=offload != "none", offload_param=offload == "all",
-                             largest_layer=m.shape.largest_layer_params if stage == 3 else 0,
-                             deepspeed=not single_process)
-        if hpz and stage == 3:  # ZeRO++ keeps a secondary 16-bit copy partitioned within the node
-            s.weights += (m.trainable * 2 + m.frozen_bytes) / ctx.inventory.ranks_per_node
-        total = total + s
-        load += mem.load_bytes_per_rank(m.shape.num_params, stage, m.quantized)
-        # Frozen models follow TRL's prepare_deepspeed: ZeRO-3 inference (partitioned) under stage 3, else a
-        # replicated copy per rank; the search over stages is what picks whichever fits.
-        placement = "partitioned" if stage == 3 else ("replicated" if not m.trainable else
-                                                      f"ZeRO-{stage}" if stage else "replicated (DDP)")
-        per_model[m.role] = {"name": m.shape.name, "params": m.shape.num_params, "trainable_params": m.trainable,
-                             "quantized": m.quantized, "placement": placement,
-                             "weights": int(s.weights), "gradients": int(s.gradients), "optimizer": int(s.optimizer),
-                             "host": int(s.host)}
-        if m.is_lora:
-            per_model[m.role]["frozen_base"] = "partitioned (ZeRO-3)" if stage == 3 else "replicated"
-    if any(x.role == "reference" for x in ctx.request.extra_models) and ctx.request.method != "full":
-        per_model["reference"] = {"name": ctx.shape.name, "placement": "policy with adapter disabled",
-                                  "params": 0, "trainable_params": 0, "weights": 0, "gradients": 0, "optimizer": 0,
-                                  "host": 0}
-    return total, per_model, total.host, load
-
-
-def _activations(ctx: _Context, checkpointing: bool, micro: int, single_process: bool) -> tuple[float, float, float]:
-    """(bytes held for backward at the training peak, bytes beside them that backward does not free (PPO's rollout
-    logits), bytes held while sampling a rollout: PPO/GRPO, else 0)."""
-    req = ctx.request
-    # Without autocast (one process, request.autocast False) PEFT feeds its fp32 adapters fp32 copies of their
-    # inputs; DeepSpeed's bf16 engine holds the adapters in 16-bit like everything else.
-    lora_bytes = 4 if (single_process and not req.autocast) else None
-    peak = 0.0
-    for m in ctx.models:
-        if not m.trainable:
-            continue
-        policy = m.role == "policy"
-        lora_r = req.lora_r if (policy and m.is_lora and req.trainable_params is None) else 0
-        act = mem.activation_bytes(m.shape, seq_len=req.seq_len, micro_batch=micro, checkpointing=checkpointing,
-                                   precision=ctx.precision, attention=req.attention, lora_r=lora_r,
-                                   lora_targets=req.lora_targets, sequences=req.sequences_per_example,
-                                   lora_dropout=req.lora_dropout if lora_r else 0.0, device=ctx.inventory.device,
-                                   trainable_base=not m.is_lora, quantized=m.quantized,
-                                   lora_input_bytes=lora_bytes)
-        head = 4 if m.quantized else _load_bytes(ctx, not m.is_lora and ctx.dp == 1)  # QLoRA upcasts it
-        act += mem.logits_bytes(m.shape, seq_len=req.seq_len, micro_batch=micro, precision=ctx.precision,
-                                sequences=req.sequences_per_example, lm_head=req.lm_head and policy,
-                                chunk_tokens=req.loss_chunk_tokens if policy else 0, head_bytes=head,
-                                per_logit=req.logit_bytes, logit_tokens=req.logit_tokens)
-        peak += act  # PPO's policy and value model run in one forward and one backward (TRL's PolicyAndValueWrapper)
-    if req.keeps_rollout_logits:  # PPO
-        kept, sampling = mem.ppo_rollout_bytes(ctx.shape, rank_batch=ctx.per_rank_batch, micro_batch=micro,
-                                               response_tokens=req.generated_tokens,
-                                               prompt_tokens=req.seq_len - req.generated_tokens,
-                                               precision=ctx.precision, chunk=req.rollout_chunk)
-        return peak, kept, sampling
-    if req.generates:
-        sampled = ctx.per_rank_batch if req.generates_rank_batch else micro
-        return peak, 0.0, mem.kv_cache_bytes(ctx.shape, seq_len=req.seq_len, micro_batch=sampled,
-                                             precision=ctx.precision)
-    return peak, 0.0, 0.0
 
 
 def _micro_batches(ctx: _Context) -> list[int]:
