@@ -27,8 +27,18 @@ def request_from_recipe(cfg) -> PlanRequest:
         trainable = tokens * shape.hidden * (2 * shape.layers if peft_method == "prefix_tuning" else 1)
         notes.append(f"{peft_method}: {trainable} trainable parameters")
     plan_cfg = cfg.plan
-    attention = "eager" if (getattr(cfg.model, "attn_implementation", None) or "sdpa") == "eager" else "sdpa"
     training = cfg.training or {}
+    implementation = getattr(cfg.model, "attn_implementation", None) or "sdpa"
+    attention = "eager" if implementation == "eager" else "sdpa"  # flash keeps no s x s matrix either
+    if getattr(cfg.data, "packing", False) and "flash" not in implementation:
+        # TRL packs padding-free: one row per batch, examples told apart only by position_ids, which sdpa and
+        # eager ignore (bench/packing.py: logits of a packed example change by up to 0.58 on CPU)
+        notes.append(f"data.packing: with attn_implementation '{implementation}' packed examples attend to each "
+                     f"other; set model.attn_implementation=flash_attention_2 (flash-attn installed) to keep them "
+                     f"apart, or data.packing=false")
+    if training.get("torch_compile"):
+        notes.append("training.torch_compile: memory planned as for eager execution (not measured compiled); "
+                     "the first steps pay the compilation")
     # TRL's SFTTrainer computes the LM loss in token chunks unless told otherwise (loss_type, or Liger's own loss)
     chunked = cfg.method in ("sft", "qlora") and not training.get("use_liger_kernel") and \
         training.get("loss_type", "chunked_nll") in (None, "chunked_nll")
