@@ -232,7 +232,8 @@ def ftlaunch_plan(recipe: str, overrides: list, inventory, training: Optional[di
 
     `cpu_fallbacks` (the sweeps' setting, for their --tiny CPU checks): on a CPU inventory plan in the model's own
     dtype (CPU plans are fp32; the 7b recipes pin bfloat16 for GPUs) and, for QLoRA without an `optim` given,
-    with adamw_torch (the recipe's paged_adamw_8bit is a GPU optimizer; the rows say which optimizer ran).
+    with adamw_torch (bitsandbytes runs the recipe's paged_adamw_8bit unpaged on a CPU, a path no GPU takes; the
+    rows say which optimizer ran).
     """
     from launcher.config import load_recipe
     from launcher.planner import plan as make_plan

@@ -47,15 +47,19 @@ GRPO_LOGIT_BYTES = 16
 LOAD_SHARD_BYTES = 5 * GiB  # from_pretrained materialises one safetensors shard at a time when it can
 BUCKET_CAP = 200_000_000  # elements; DeepSpeed's reduce/allgather buckets, sized hidden² like HF's "auto"
 
-# Optimizer state bytes per trainable parameter (without the fp32 master copy), by HF `optim` name.
-OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adam": 8.0, "8bit": 2.0, "lion": 4.0, "lion_8bit": 1.0,
-                         "adafactor": 0.5, "sgd": 0.0, "rmsprop": 4.0, "adagrad": 4.0}
+# Optimizer state bytes per trainable parameter (without the fp32 master copy), by HF `optim` name. bitsandbytes'
+# 8-bit states are blockwise: one uint8 per element and state, plus an fp32 absmax per 256-element block and state.
+BNB_BLOCK = 256
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adam": 8.0, "8bit": 2.0 + 2 * 4 / BNB_BLOCK, "lion": 4.0,
+                         "lion_8bit": 1.0 + 4 / BNB_BLOCK, "adafactor": 0.5, "sgd": 0.0, "rmsprop": 4.0,
+                         "adagrad": 4.0}
 LORA_ALIASES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "dense": "o_proj", "gate": "gate_proj",
                 "up": "up_proj", "down": "down_proj", "fc1": "up_proj", "fc2": "down_proj"}
 
 
 def optimizer_state_bytes(optim: str, param_bytes: int = 4) -> float:
-    """HF `optim` name -> state bytes per param: adamw_torch 8, adamw_8bit / paged_adamw_8bit 2, paged 32-bit 8.
+    """HF `optim` name -> state bytes per param: adamw_torch 8, adamw_8bit / paged_adamw_8bit 2 (+ absmax), paged
+    32-bit 8.
 
     torch's optimizers keep their states in the parameter's dtype: 16-bit parameters (a full fine-tune without
     DeepSpeed) halve them; 8-bit optimizers quantise whatever the parameter is."""
@@ -69,6 +73,21 @@ def optimizer_state_bytes(optim: str, param_bytes: int = 4) -> float:
         if key in name:
             return OPTIMIZER_STATE_BYTES[key] * scale
     return OPTIMIZER_STATE_BYTES["adamw"] * scale  # unknown names: assume Adam-like, the common worst case
+
+
+def with_embedding_states(state_bytes: float, optim: str, trainable: float, embedding_params: int) -> float:
+    """State bytes per parameter of a model whose embedding trains. Under a bitsandbytes 8-bit optimizer the HF
+    Trainer registers every nn.Embedding for 32-bit states (Trainer.create_optimizer, for stability), so the
+    vocab x hidden embedding keeps fp32 states (8 B per parameter for Adam, 4 for Lion) beside everyone else's
+    8-bit ones. Measured on live tensors: bench/RESULTS.md (0.5B full fine-tune, +0.76 GiB). One plain process
+    only: the override is matched by parameter identity, and DeepSpeed hands the optimizer its flat fp32
+    partitions instead of the model's parameters, so under the engine every state is 8-bit."""
+    name = (optim or "").lower()
+    if "8bit" not in name or trainable <= 0:
+        return state_bytes
+    embedding = min(embedding_params, trainable)
+    fp32 = OPTIMIZER_STATE_BYTES["lion" if "lion" in name else "adamw"]
+    return (state_bytes * (trainable - embedding) + fp32 * embedding) / trainable
 
 
 def load_dtype(model_dtype: str, precision: str, full_single_process: bool) -> str:

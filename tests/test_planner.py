@@ -322,8 +322,29 @@ def test_optimizer_state_bytes():
     assert mem.optimizer_state_bytes("adamw_torch") == 8
     assert mem.optimizer_state_bytes("adamw_torch_fused") == 8
     assert mem.optimizer_state_bytes("paged_adamw_32bit") == 8
-    assert mem.optimizer_state_bytes("adamw_8bit") == 2
-    assert mem.optimizer_state_bytes("paged_adamw_8bit") == 2
+    # bitsandbytes blockwise 8-bit: a uint8 per element and state + an fp32 absmax per 256 elements and state
+    assert mem.optimizer_state_bytes("adamw_8bit") == mem.optimizer_state_bytes("paged_adamw_8bit") == 2 + 8 / 256
+    assert mem.optimizer_state_bytes("paged_lion_8bit") == 1 + 4 / 256
+
+
+def test_8bit_optimizer_keeps_the_trained_embedding_in_32_bits():
+    """HF's Trainer gives every nn.Embedding 32-bit states under a bitsandbytes 8-bit optimizer: a full fine-tune
+    pays fp32 Adam states for vocab x hidden; LoRA (frozen embedding) and torch's AdamW are unchanged."""
+    shape = resolve_shape("qwen2.5-0.5b")
+    inv = parse_spec("1xH100-80GB")
+    emb = shape.vocab * shape.hidden
+    req = lambda method, optim: PlanRequest(method=method, seq_len=256, global_batch_size=2, zero_stage=0,  # noqa
+                                            offload="none", micro_batch_size=2, optimizer=optim)
+    full8 = plan(req("full", "adamw_8bit"), inv, shape).per_gpu_bytes["optimizer"]
+    assert full8 == pytest.approx((shape.num_params - emb) * (2 + 8 / 256) + emb * 8, rel=1e-9)
+    lora8 = plan(req("lora", "adamw_8bit"), inv, shape)
+    assert lora8.per_gpu_bytes["optimizer"] == pytest.approx(lora8.model["trainable_params"] * (2 + 8 / 256))
+    engine = PlanRequest(method="full", seq_len=256, global_batch_size=2, zero_stage=2, offload="none",
+                         micro_batch_size=1, optimizer="adamw_8bit")  # DeepSpeed: flat partitions, all 8-bit
+    assert plan(engine, parse_spec("2xH100-80GB"), shape).per_gpu_bytes["optimizer"] == \
+        pytest.approx(shape.num_params * (4 + 2 + 8 / 256) / 2)
+    assert mem.with_embedding_states(8.0, "adamw_torch", 100, 10) == 8.0
+    assert mem.with_embedding_states(1.0, "lion_8bit", 100, 10) == pytest.approx((90 * 1.0 + 10 * 4) / 100)
 
 
 def test_lora_param_counts():
@@ -406,7 +427,8 @@ def test_single_process_full_finetune_trains_in_the_load_dtype():
     assert plan(PlanRequest(method="full", seq_len=512, global_batch_size=1), one, shape).single_process
     assert mem.load_dtype("auto", "fp16", full_single_process=True) == "float32"
     assert mem.load_dtype("auto", "fp16", full_single_process=False) == "float16"
-    assert mem.optimizer_state_bytes("paged_adamw_8bit", 2) == 2.0 and mem.optimizer_state_bytes("adamw_torch", 2) == 4
+    assert mem.optimizer_state_bytes("paged_adamw_8bit", 2) == mem.optimizer_state_bytes("paged_adamw_8bit", 4)
+    assert mem.optimizer_state_bytes("adamw_torch", 2) == 4
     ds = plan(PlanRequest(method="full", seq_len=512, global_batch_size=2, zero_stage=2), parse_spec("2xA100-80GB"),
               shape).per_gpu_bytes  # DeepSpeed: bf16 weights + fp32 masters, grads and Adam states, partitioned
     assert ds["weights"] == pytest.approx(2 * n, rel=1e-6)
