@@ -284,6 +284,9 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
     reasons = list(request.notes) + list(inv.notes) + [precision_reason]
     reasons.append(f"usable memory per {explain.unit(ctx)}: {request.memory_fraction:g} x {mem.fmt_bytes(ctx.capacity)}"
                    f" = {mem.fmt_bytes(ctx.usable)}")
+    if result.single_process and request.method == "full" and "8bit" in (request.optimizer or "").lower():
+        reasons.append(f"optimizer {request.optimizer}: the embedding's {shape.vocab * shape.hidden / 1e6:.0f}M "
+                       f"parameters keep fp32 states (the HF Trainer's 32-bit override for nn.Embedding)")
     pins = {k: getattr(request, k) for k in ("zero_stage", "offload", "micro_batch_size", "gradient_checkpointing")
             if getattr(request, k) is not None}
     if pins:

@@ -337,7 +337,10 @@ def test_8bit_optimizer_keeps_the_trained_embedding_in_32_bits():
                                             offload="none", micro_batch_size=2, optimizer=optim)
     full8 = plan(req("full", "adamw_8bit"), inv, shape).per_gpu_bytes["optimizer"]
     assert full8 == pytest.approx((shape.num_params - emb) * (2 + 8 / 256) + emb * 8, rel=1e-9)
+    assert any("embedding's 136M parameters keep fp32 states" in r for r in plan(req("full", "adamw_8bit"), inv,
+                                                                                  shape).reasons)
     lora8 = plan(req("lora", "adamw_8bit"), inv, shape)
+    assert not any("fp32 states" in r for r in lora8.reasons)
     assert lora8.per_gpu_bytes["optimizer"] == pytest.approx(lora8.model["trainable_params"] * (2 + 8 / 256))
     engine = PlanRequest(method="full", seq_len=256, global_batch_size=2, zero_stage=2, offload="none",
                          micro_batch_size=1, optimizer="adamw_8bit")  # DeepSpeed: flat partitions, all 8-bit
