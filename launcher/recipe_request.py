@@ -30,12 +30,6 @@ def request_from_recipe(cfg) -> PlanRequest:
     training = cfg.training or {}
     implementation = getattr(cfg.model, "attn_implementation", None) or "sdpa"
     attention = "eager" if implementation == "eager" else "sdpa"  # flash keeps no s x s matrix either
-    if getattr(cfg.data, "packing", False) and "flash" not in implementation:
-        # TRL packs padding-free: one row per batch, examples told apart only by position_ids, which sdpa and
-        # eager ignore (bench/packing.py: logits of a packed example change by up to 0.58 on CPU)
-        notes.append(f"data.packing: with attn_implementation '{implementation}' packed examples attend to each "
-                     f"other; set model.attn_implementation=flash_attention_2 (flash-attn installed) to keep them "
-                     f"apart, or data.packing=false")
     if training.get("torch_compile"):
         notes.append("training.torch_compile: memory planned as for eager execution (not measured compiled); "
                      "the first steps pay the compilation")

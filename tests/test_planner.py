@@ -467,16 +467,7 @@ def test_request_from_recipe_methods():
     assert request_from_recipe(_cfg("sft")).lora_dropout == 0.0  # full fine-tune: no adapters, no masks
 
 
-def test_request_notes_packing_without_flash_and_compile():
-    """Padding-free packing keeps examples apart only under flash attention; the plan says so, and says that
-    compiled memory is planned as eager."""
-    packed = _cfg("sft")
-    packed.data.packing = True
-    note = [n for n in request_from_recipe(packed).notes if n.startswith("data.packing")]
-    assert note and "attend to each other" in note[0] and "flash_attention_2" in note[0]
-    packed.model.attn_implementation = "flash_attention_2"
-    assert not any(n.startswith("data.packing") for n in request_from_recipe(packed).notes)
-    assert not any(n.startswith("data.packing") for n in request_from_recipe(_cfg("sft")).notes)
+def test_request_notes_compiled_memory_is_planned_as_eager():
     compiled = _cfg("sft")
     compiled.training["torch_compile"] = True
     assert any(n.startswith("training.torch_compile") for n in request_from_recipe(compiled).notes)
