@@ -122,6 +122,11 @@ def print_header(title: str) -> None:
 
 # ---- fresh-subprocess workers --------------------------------------------------------------------------------------
 
+def print_row(row: dict) -> None:
+    """Each finished row at once, as JSON: a run stopped by its deadline (bench/gpu_session.sh) keeps its figures."""
+    print("   row " + json.dumps(row, default=str), flush=True)
+
+
 def emit(result: dict) -> None:
     """A worker's last word: one tagged JSON line on stdout."""
     sys.stdout.flush()

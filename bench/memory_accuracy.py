@@ -228,6 +228,7 @@ def main(argv=None) -> int:
         elif pred and r.get("live_peak"):
             r["pred_tensors"] = pred - r["predicted"]["other"]
             r["err"] = r["pred_tensors"] / r["live_peak"] - 1
+        common.print_row(r)
         rows.append(r)
     pct = lambda k: (lambda r: None if r.get(k) is None else f"{100 * r[k]:+.1f}%")  # noqa: E731
     cols = [("#", "index"), ("model", "card"), ("method", "method"), ("seq", "seq"), ("micro", "micro"),

@@ -108,6 +108,7 @@ def main(argv=None) -> int:
         r.setdefault("micro", micro)
         r.setdefault("ckpt", ckpt)
         r["chosen"] = (micro, ckpt) == (p.micro_batch_size, p.gradient_checkpointing)
+        common.print_row(r)
         rows.append(r)
     mem_key = "max_allocated" if gpu else "max_rss"
     print()

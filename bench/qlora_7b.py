@@ -196,6 +196,7 @@ def main(argv=None) -> int:
         print(f"   running {label} ...", flush=True)
         r = common.run_worker(base + extra, timeout=3000)
         r["label"], r["key"] = label, key
+        common.print_row(r)
         rows.append(r)
     peak, peak_label = peak_flops()
     fpt = flops_per_token(shape, opts.seq)

@@ -134,3 +134,19 @@ def test_live_tensor_meter_counts_storages_once_and_frees_them():
     assert after_free - start == 2 * mib and end == start
     assert meter.peak - start == 4 * mib
     del kept
+
+
+def test_gpu_session_keeps_to_its_budget_and_names_what_it_skipped(tmp_path):
+    """bench/gpu_session.sh is the one command a lent GPU runs: a step that would start with less than
+    MIN_STEP_S left is skipped and listed (so the next session knows what is missing), an unknown step fails."""
+    env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable, MIN_STEP_S="60")
+    env.pop("TINY", None)
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "5"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    for step in ("qlora_24gb", "qlora_speed", "mem_7b_qlora", "mem_small", "mem_7b_lora", "sweep_7b", "sweep"):
+        assert f"{step}: skipped" in summary
+    bad = subprocess.run(["bash", "bench/gpu_session.sh", "5"], cwd=REPO, env=dict(env, STEPS="qlora_24gb nope"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "unknown step 'nope'" in bad.stdout

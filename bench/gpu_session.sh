@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Issue #8's GPU figures in one device `run`, most important first, inside a deadline.
+#
+# A task that is lent a GPU gets ~15 minutes of device time in all (start-up included) and 10 per command, so the
+# checks run as one prepared command: each step gets what is left of the budget, a step that would start with too
+# little is skipped (and says so), and every step leaves its table in $OUT/<step>.txt and rows in $OUT/<step>.json.
+# Record what came back in bench/RESULTS.md; the next lent session passes the steps still missing in STEPS.
+#
+#   device run, carry [".whl"], timeout_s 600:   bash bench/gpu_session.sh 540
+#   only some steps:                             STEPS="mem_7b_qlora sweep_7b" bash bench/gpu_session.sh 540
+#   the same sequence on this CPU (tiny shapes): TINY=1 OUT=/tmp/gpu-session bash bench/gpu_session.sh 1200
+#
+# .whl comes from ../shared/gpu/fetch-wheels.sh (see bench/README.md); the lent machine lacks trl, bitsandbytes,
+# datasets and deepspeed. Steps, in order (names for STEPS):
+#   qlora_24gb     qlora_7b with the 1xRTX3090-24GB plan, process capped at 24 GiB: peak (goal <= 20 GiB)
+#   qlora_speed    qlora_7b with this GPU's plan vs plain TRL+PEFT defaults, side by side: tokens/s (>= 1.5x), MFU
+#   mem_7b_qlora   memory_accuracy rows 11-14 (7B QLoRA): predicted vs max_memory_allocated (+-10 % each)
+#   mem_small      memory_accuracy rows 0-7 (0.5B / 1.5B)
+#   mem_7b_lora    memory_accuracy rows 8-10 (7B LoRA, bf16 base)
+#   sweep_7b       plan_sweep, llama-2-7b QLoRA, micro 1,4,16: chosen plan vs the sweep's best (>= 95 %, 0 OOM)
+#   sweep          plan_sweep, qwen2.5-1.5b LoRA seq 2048
+set -u
+budget=${1:-540}
+start=$SECONDS
+OUT=${OUT:?set OUT (the device tool sets it)}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || { echo "installing .whl failed"; exit 1; }
+fi
+export FTLAUNCH_BENCH_CACHE=${FTLAUNCH_BENCH_CACHE:-/tmp/bench-models} HF_HUB_OFFLINE=1
+STEPS=${STEPS:-"qlora_24gb qlora_speed mem_7b_qlora mem_small mem_7b_lora sweep_7b sweep"}
+MIN_STEP_S=${MIN_STEP_S:-60}  # a step needs at least this long to produce a figure
+
+# step arguments: the GPU's, or (TINY=1) the --tiny code-path check's, whose configuration lists are shorter
+args_for() {
+  if [ -n "${TINY:-}" ]; then
+    case $1 in
+      qlora_24gb) echo "bench/qlora_7b.py --tiny --only rtx3090" ;;
+      qlora_speed) echo "bench/qlora_7b.py --tiny --only ftlaunch,baseline" ;;
+      mem_7b_qlora) echo "bench/memory_accuracy.py --tiny --only 5" ;;
+      mem_small) echo "bench/memory_accuracy.py --tiny --only 0,1" ;;
+      mem_7b_lora) echo "bench/memory_accuracy.py --tiny --only 3" ;;
+      sweep_7b) echo "bench/plan_sweep.py --tiny --micro 1,8" ;;
+      sweep) echo "bench/plan_sweep.py --tiny" ;;
+      *) return 1 ;;
+    esac
+  else
+    case $1 in
+      qlora_24gb) echo "bench/qlora_7b.py --only rtx3090" ;;
+      qlora_speed) echo "bench/qlora_7b.py --only ftlaunch,baseline" ;;
+      mem_7b_qlora) echo "bench/memory_accuracy.py --only 11,12,13,14" ;;
+      mem_small) echo "bench/memory_accuracy.py --only 0,1,2,3,4,5,6,7" ;;
+      mem_7b_lora) echo "bench/memory_accuracy.py --only 8,9,10" ;;
+      sweep_7b) echo "bench/plan_sweep.py --card llama-2-7b --method qlora --micro 1,4,16" ;;
+      sweep) echo "bench/plan_sweep.py" ;;
+      *) return 1 ;;
+    esac
+  fi
+}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  git rev-parse --short HEAD 2>/dev/null; echo "budget ${budget} s, steps: $STEPS"; } | tee "$OUT/summary.txt"
+failed=0
+for name in $STEPS; do
+  cmd=$(args_for "$name") || { echo "unknown step '$name'" | tee -a "$OUT/summary.txt"; failed=1; continue; }
+  left=$((budget - (SECONDS - start)))
+  if [ "$left" -lt "$MIN_STEP_S" ]; then
+    echo "$name: skipped, ${left} s left" | tee -a "$OUT/summary.txt"
+    continue
+  fi
+  echo "== $name: $PY $cmd (${left} s left)"
+  # at the deadline: SIGINT, KILL 15 s later; each finished row is already in the .txt as a `row {json}` line
+  timeout --signal=INT --kill-after=15 "$left" $PY $cmd --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1
+  rc=$?
+  [ "$rc" -eq 0 ] || failed=1
+  echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+  grep -v -E "Warning|warn\(|it/s\]|^\[|^   row " "$OUT/$name.txt" | tail -n 20  # the table and its FIGURE lines
+done
+exit $failed
