@@ -137,19 +137,51 @@ def checkpoint_layout(path: Path) -> dict:
     return {"world_size": int(world), "deepspeed": deepspeed}
 
 
-def check_resumable(path: Path, world_size: int, deepspeed: bool) -> None:
-    """Refuse (UserError, exit 2) a resume that would not be exact: DeepSpeed cannot re-partition ZeRO optimizer
-    state for a new data-parallel size, and the plain HF Trainer silently starts a fresh optimizer from a DeepSpeed
-    checkpoint (and the other way round). Tried with DeepSpeed 0.19.8 / transformers 5.23."""
+def check_resumable(path: Path, world_size: int, deepspeed: bool) -> bool:
+    """Refuse (UserError, exit 2) a resume that would not be exact; True when it needs DeepSpeed's universal
+    checkpoint (`to_universal`): a DeepSpeed checkpoint resumed by DeepSpeed on a new number of ranks, whose ZeRO
+    partitions of the optimizer state must be re-cut. The plain HF Trainer silently starts a fresh optimizer from a
+    DeepSpeed checkpoint (and the other way round), so a change of launcher is refused. Tried with DeepSpeed
+    0.19.8 / transformers 5.23."""
     from launcher.errors import UserError
 
     layout = checkpoint_layout(path)
     how = lambda ws, ds: f"{ws} rank{'s' if ws != 1 else ''} {'with DeepSpeed' if ds else 'without DeepSpeed'}"
-    if layout["world_size"] != world_size or layout["deepspeed"] != deepspeed:
+    if layout["deepspeed"] != deepspeed or (layout["world_size"] != world_size and not deepspeed):
         raise UserError(
             f"cannot resume {path.name}: it was written by {how(layout['world_size'], layout['deepspeed'])}, this "
-            f"run has {how(world_size, deepspeed)} (its optimizer state cannot be re-partitioned exactly); resume "
-            f"with the same launcher and rank count, or start afresh in a new output_dir (or --resume never)")
+            f"run has {how(world_size, deepspeed)} (its optimizer state cannot be carried over exactly); resume "
+            f"with the same launcher{' and rank count' if not deepspeed else ''}, or start afresh in a new "
+            f"output_dir (or --resume never)")
+    return layout["world_size"] != world_size
+
+
+def to_universal(path: Path) -> str:
+    """Convert checkpoint `path`'s ZeRO shards (its `latest` tag) to DeepSpeed's universal layout, once: written
+    under a temporary name and renamed, so a kill mid-way leaves nothing that looks finished. DeepSpeed then loads
+    it on any number of ranks (`"checkpoint": {"load_universal": true}`); `latest_universal` names it. Rank 0 only.
+    `inject_missing_state`: the HF Trainer's checkpoints lack the Megatron-style `universal_checkpoint_info`, which
+    for plain data parallelism (no tensor/pipeline slicing) is empty."""
+    from types import SimpleNamespace
+
+    path = Path(path)
+    tag = (path / "latest").read_text().strip()
+    universal = f"{tag}_universal"
+    if not (path / universal).is_dir():
+        import contextlib
+        import io
+
+        from deepspeed.checkpoint.ds_to_universal import main as convert
+
+        partial = path / f"{universal}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter; errors still raise
+            convert(SimpleNamespace(input_folder=str(path / tag), output_folder=str(partial), num_extract_workers=1,
+                                    num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                    inject_missing_state=True))
+        os.replace(partial, path / universal)
+    (path / "latest_universal").write_text(universal)
+    return universal
 
 
 class AlreadyTrained(Exception):

@@ -112,6 +112,23 @@ def join_process_group(ctx: RunContext) -> None:
     release_cpu_allreduce_buffer(ctx.env.rank)
 
 
+def load_universal(ctx: RunContext, resume: Path) -> None:
+    """Resume a DeepSpeed checkpoint on a new number of ranks: rank 0 converts its ZeRO shards to DeepSpeed's
+    universal checkpoint (once; kept beside the shards), every rank waits, and the engine is told to load that.
+    The global batch is the recipe's whatever the rank count, so the data order, and where it resumes, are the same."""
+    import torch.distributed as dist
+
+    from launcher.checkpoints import checkpoint_layout, to_universal
+
+    if ctx.env.is_main:
+        was = checkpoint_layout(resume)["world_size"]
+        print(f"ftlaunch: {resume.name} was written by {was} rank(s), this run has {ctx.env.world_size}: re-cutting "
+              f"its ZeRO partitions (DeepSpeed universal checkpoint)", file=sys.stderr, flush=True)
+        to_universal(resume)
+    dist.barrier()
+    ctx.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
+
 def release_cpu_allreduce_buffer(rank: int, shm_dir: Path = Path("/dev/shm")) -> None:
     """DeepSpeed's CPU backend creates one 64 MiB /dev/shm segment per rank for its shared-memory all-reduce
     (deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>) and never unlinks it: every CPU run left
@@ -239,13 +256,16 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         resume = Path(args.resume)
         if not resume.is_dir():
             raise UserError(f"--resume {args.resume}: no such checkpoint directory")
+    repartition = False
     if resume is not None:
         from launcher.checkpoints import check_resumable
 
-        check_resumable(resume, env.world_size, ctx.ds_config is not None)
+        repartition = check_resumable(resume, env.world_size, ctx.ds_config is not None)
 
     started = time.time()
     join_process_group(ctx)
+    if repartition:
+        load_universal(ctx, resume)
     from launcher.preflight import at_start
 
     at_start(ctx.plan, env.rank, env.local_rank, env.world_size,

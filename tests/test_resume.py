@@ -4,7 +4,9 @@
   each time: final weights and the per-step loss history equal an uninterrupted run's, bitwise.
 * A kill while a checkpoint is being committed (with `safety.keep_checkpoints=1`) leaves the previous checkpoint
   complete and loadable; resume reports and skips the unfinished one.
-* Changing the world size on resume is refused with one line (exit 2).
+* A 2-rank ZeRO-2 checkpoint resumed on 1 DeepSpeed rank: its partitions are re-cut (DeepSpeed's universal
+  checkpoint) and the run ends where the 2-rank run ends, up to float summation order. Changing the launcher
+  (DeepSpeed <-> one plain process), or the rank count without DeepSpeed, is refused with one line (exit 2).
 * Unit tests of the completion marker, rotation and resume selection (no training).
 """
 from __future__ import annotations
@@ -114,10 +116,26 @@ def test_stale_marker_is_removed_before_rewrite(tmp_path):
     assert not ck.is_complete(tmp_path / "checkpoint-4")
 
 
+def test_resume_layouts_that_cannot_carry_the_optimizer_over(tmp_path):
+    """DeepSpeed on a new rank count: re-cut through a universal checkpoint (True). Anything else that changes is
+    refused: the plain Trainer silently starts a fresh optimizer from ZeRO shards (no optimizer.pt) and DeepSpeed
+    cannot read a plain optimizer.pt; without DeepSpeed nothing re-cuts a per-rank layout."""
+    from launcher.errors import UserError
+
+    cases = iter(range(100))
+    layout = lambda world, ds: fake_checkpoint(tmp_path / str(next(cases)), 6, world_size=world, deepspeed=ds)  # noqa
+
+    assert ck.check_resumable(layout(2, True), 1, True) is True
+    assert ck.check_resumable(layout(2, True), 2, True) is False
+    assert ck.check_resumable(layout(1, False), 1, False) is False
+    for world, ds, now_world, now_ds in ((1, False, 2, False), (1, False, 1, True), (2, True, 2, False)):
+        with pytest.raises(UserError, match="cannot resume checkpoint-6"):
+            ck.check_resumable(layout(world, ds), now_world, now_ds)
+
+
 def test_world_size_change_is_refused_in_one_line(tmp_path, capsys):
-    """DeepSpeed 0.19.8 refuses a ZeRO-2 checkpoint of 2 ranks on 1 rank (ZeRORuntimeException: "Automatic adjustment
-    of ZeRO's optimizer state partitioning with a new world size is not currently supported"), and a plain 1-process
-    resume silently starts a fresh optimizer (no optimizer.pt): both are refused up front, exit 2."""
+    """A 2-rank DeepSpeed checkpoint resumed by one plain process (no DeepSpeed) would silently start a fresh
+    optimizer (no optimizer.pt): refused up front, exit 2."""
     out = tmp_path / "run"
     fake_checkpoint(out, 6, world_size=2, deepspeed=True)
     code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "data.num_examples=32")
@@ -223,3 +241,17 @@ def test_two_rank_zero2_sigkill_resume_is_bitwise_exact(tmp_path, capsys):
     capsys.readouterr()
     assert run_inprocess("run", *bench.BASE, f"training.max_steps={steps + 2}", f"output_dir={one}") == 2
     assert "written by 2 ranks with DeepSpeed, this run has 1 rank" in capsys.readouterr().err
+
+    # The 2-rank run's checkpoint-15 on 1 DeepSpeed rank: its ZeRO partitions are re-cut (universal checkpoint) and
+    # the last step lands where the 2-rank run's did, up to float summation order (same global batch, same data).
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(ref / f"checkpoint-{steps - 1}", moved / f"checkpoint-{steps - 1}")
+    rc, text = bench.run_to_end(moved, steps, ranks=1)
+    assert rc == 0, text[-3000:]
+    assert "re-cutting its ZeRO partitions" in text
+    assert (moved / f"checkpoint-{steps - 1}" / "latest_universal").read_text() == f"global_step{steps - 1}_universal"
+    assert 0.0 < bench.compare_weights(ref / "adapter_model.safetensors", moved / "adapter_model.safetensors") < 1e-5
+    (ref_step, ref_loss), (moved_step, moved_loss) = bench.loss_history(ref)[-1], bench.loss_history(moved)[-1]
+    assert moved_step == ref_step == steps and moved_loss == pytest.approx(ref_loss, abs=1e-5)
+    assert ck.checkpoint_layout(moved / f"checkpoint-{steps}")["world_size"] == 1
