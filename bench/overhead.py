@@ -233,9 +233,10 @@ def features(opts, env: dict) -> int:
         tps = statistics.median(x["final_tokens"] / x["runtime"] for x in runs[label]
                                 if x["final_tokens"] and x["runtime"])
         steady = [x["steady_tps"] for x in runs[label] if x["steady_tps"]]
+        firsts = [x["first_step"] for x in runs[label] if x["first_step"] is not None]
         row = {"feature": label, "train s": med(label, "runtime"), "CPU s": med(label, "cpu"),
                "input tokens": r["final_tokens"], "tokens/s": f"{tps:.0f}",
-               "first step s": f"{med(label, 'first_step'):.2f}" if r["first_step"] is not None else "-",
+               "first step s": f"{statistics.median(firsts):.2f}" if firsts else "-",
                "steady tokens/s (2nd half)": f"{statistics.median(steady):.0f}" if steady else "-",
                "loss first": loss[0], "loss 2nd-half mean": float(loss[half:].mean())}
         if label != base_label:

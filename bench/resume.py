@@ -40,10 +40,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(out: Path, steps: int, ranks: int, extra: list[str]) -> list[str]:
+def _command(out: Path, steps: int, ranks: int, extra: list[str], base: list[str] = BASE) -> list[str]:
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
                 "--master_port", str(_free_port())]
-    return [*launcher, str(REPO / "launcher" / "run.py"), *BASE, f"training.max_steps={steps}", f"output_dir={out}",
+    return [*launcher, str(REPO / "launcher" / "run.py"), *base, f"training.max_steps={steps}", f"output_dir={out}",
             *extra]
 
 
@@ -53,10 +53,10 @@ def _env(extra: dict | None = None) -> dict:
 
 
 def launch(out: Path, steps: int, ranks: int = 2, extra: list[str] = (), log: Path | None = None,
-           env: dict | None = None) -> subprocess.Popen:
+           env: dict | None = None, base: list[str] = BASE) -> subprocess.Popen:
     log = log or out.parent / f"{out.name}.log"
     handle = open(log, "a")
-    return subprocess.Popen(_command(out, steps, ranks, list(extra)), cwd=REPO, env=_env(env), stdout=handle,
+    return subprocess.Popen(_command(out, steps, ranks, list(extra), base), cwd=REPO, env=_env(env), stdout=handle,
                             stderr=subprocess.STDOUT, start_new_session=True)  # own process group: kill it whole
 
 
@@ -67,11 +67,12 @@ def _port_clash(log: Path, since: int) -> bool:
         return b"EADDRINUSE" in f.read()
 
 
-def run_to_end(out: Path, steps: int, ranks: int = 2, extra: list[str] = (), timeout: float = 600) -> tuple[int, str]:
+def run_to_end(out: Path, steps: int, ranks: int = 2, extra: list[str] = (), timeout: float = 600,
+               base: list[str] = BASE) -> tuple[int, str]:
     log = out.parent / f"{out.name}.log"
     for _attempt in range(3):
         since = log.stat().st_size if log.exists() else 0
-        proc = launch(out, steps, ranks, extra, log)
+        proc = launch(out, steps, ranks, extra, log, base=base)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

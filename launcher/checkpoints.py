@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -137,7 +138,13 @@ def checkpoint_layout(path: Path) -> dict:
     return {"world_size": int(world), "deepspeed": deepspeed}
 
 
-def check_resumable(path: Path, world_size: int, deepspeed: bool) -> bool:
+# Optimizers whose state DeepSpeed's universal checkpoint can re-cut: ds_to_universal knows Adam's exp_avg and
+# exp_avg_sq only (bitsandbytes' 8-bit state1/state2, Lion, SGD, Adafactor are not converted).
+UNIVERSAL_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+CONVERT_TIMEOUT_HOURS = 6  # rank 0 converts while the others wait: a 70B full fine-tune's states are ~1 TB
+
+
+def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str = "adamw_torch") -> bool:
     """Refuse (UserError, exit 2) a resume that would not be exact; True when it needs DeepSpeed's universal
     checkpoint (`to_universal`): a DeepSpeed checkpoint resumed by DeepSpeed on a new number of ranks, whose ZeRO
     partitions of the optimizer state must be re-cut. The plain HF Trainer silently starts a fresh optimizer from a
@@ -153,16 +160,25 @@ def check_resumable(path: Path, world_size: int, deepspeed: bool) -> bool:
             f"run has {how(world_size, deepspeed)} (its optimizer state cannot be carried over exactly); resume "
             f"with the same launcher{' and rank count' if not deepspeed else ''}, or start afresh in a new "
             f"output_dir (or --resume never)")
-    return layout["world_size"] != world_size
+    repartition = layout["world_size"] != world_size
+    if repartition and (optimizer or "adamw_torch") not in UNIVERSAL_OPTIMIZERS:
+        raise UserError(
+            f"cannot resume {path.name} on {world_size} ranks: it was written by {layout['world_size']}, and "
+            f"DeepSpeed re-cuts only Adam's state ({', '.join(UNIVERSAL_OPTIMIZERS)}), not training.optim="
+            f"{optimizer}; resume with {layout['world_size']} ranks, or start afresh in a new output_dir")
+    return repartition
 
 
-def to_universal(path: Path) -> str:
+def to_universal(path: Path, workers: int = 1) -> str:
     """Convert checkpoint `path`'s ZeRO shards (its `latest` tag) to DeepSpeed's universal layout, once: written
-    under a temporary name and renamed, so a kill mid-way leaves nothing that looks finished. DeepSpeed then loads
-    it on any number of ranks (`"checkpoint": {"load_universal": true}`); `latest_universal` names it. Rank 0 only.
-    `inject_missing_state`: the HF Trainer's checkpoints lack the Megatron-style `universal_checkpoint_info`, which
-    for plain data parallelism (no tensor/pipeline slicing) is empty."""
+    under a temporary name and renamed, so a kill mid-way leaves nothing that looks finished (the next try removes
+    the remains). DeepSpeed then loads it on any number of ranks (`"checkpoint": {"load_universal": true}`);
+    `latest_universal` names it. Rank 0 only. `inject_missing_state`: the HF Trainer's checkpoints lack the
+    Megatron-style `universal_checkpoint_info`, which for plain data parallelism (no tensor/pipeline slicing) is
+    empty."""
     from types import SimpleNamespace
+
+    from launcher.errors import UserError
 
     path = Path(path)
     tag = (path / "latest").read_text().strip()
@@ -175,13 +191,53 @@ def to_universal(path: Path) -> str:
 
         partial = path / f"{universal}.partial"
         shutil.rmtree(partial, ignore_errors=True)
+        shards = sum(f.stat().st_size for f in (path / tag).rglob("*") if f.is_file())
+        free = shutil.disk_usage(path).free
+        if free < 2 * shards:  # the universal copy and its temporary fragments, each about the shards' size
+            raise UserError(f"cannot re-cut {path.name} for a new rank count: converting needs ~"
+                            f"{2 * shards / 2**30:.1f} GiB free beside it, {free / 2**30:.1f} GiB is; free space "
+                            f"or resume with the old rank count")
         with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter; errors still raise
-            convert(SimpleNamespace(input_folder=str(path / tag), output_folder=str(partial), num_extract_workers=1,
-                                    num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                    inject_missing_state=True))
+            convert(SimpleNamespace(input_folder=str(path / tag), output_folder=str(partial),
+                                    num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False,
+                                    strict=True, inject_missing_state=True))
         os.replace(partial, path / universal)
     (path / "latest_universal").write_text(universal)
     return universal
+
+
+def load_universal_on_all_ranks(path: Path, is_main: bool, world_size: int) -> None:
+    """Rank 0 converts (`to_universal`) while the others wait on a gloo group with a long timeout (the default
+    process group's 10 minutes is too short for a large model, and NCCL would need a device per rank); rank 0's
+    outcome is broadcast, so a failed conversion stops every rank with the same one line, and every rank checks
+    that it sees the result (checkpoints must be on storage all nodes share)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from launcher.errors import UserError
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=CONVERT_TIMEOUT_HOURS))
+    error = None
+    if is_main:
+        was = checkpoint_layout(path)["world_size"]
+        print(f"ftlaunch: {path.name} was written by {was} rank(s), this run has {world_size}: re-cutting its ZeRO "
+              f"partitions (DeepSpeed universal checkpoint)", file=sys.stderr, flush=True)
+        try:
+            to_universal(path, workers=max(1, min(4, (os.cpu_count() or 1) // 2)))
+        except Exception as exc:  # every rank must hear of it, not wait for a timeout
+            error = exc
+    flag = torch.tensor([0 if error is None else 1])
+    dist.broadcast(flag, src=0, group=group)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise UserError(f"resume {path.name}: rank 0 could not convert it for the new rank count (see its error)")
+    if not (path / "latest_universal").is_file():
+        raise UserError(f"resume {path.name}: rank 0 converted it, but this rank does not see "
+                        f"{path / 'latest_universal'}; checkpoints must be on storage every node shares")
+    dist.destroy_process_group(group)
 
 
 class AlreadyTrained(Exception):

@@ -64,8 +64,8 @@ def optimizer_state_bytes(optim: str, param_bytes: int = 4) -> float:
     torch's optimizers keep their states in the parameter's dtype: 16-bit parameters (a full fine-tune without
     DeepSpeed) halve them; 8-bit optimizers quantise whatever the parameter is."""
     name = (optim or "adamw_torch").lower()
-    if "8bit" in name:
-        return OPTIMIZER_STATE_BYTES["lion_8bit" if "lion" in name else "8bit"]
+    if "8bit" in name:  # bitsandbytes', torchao's (adamw_torch_8bit) and GaLore's alike: one byte per state
+        return OPTIMIZER_STATE_BYTES["lion_8bit" if _one_state(name) else "8bit"]
     scale = param_bytes / 4
     if "lion" in name:
         return OPTIMIZER_STATE_BYTES["lion"] * scale
@@ -75,18 +75,29 @@ def optimizer_state_bytes(optim: str, param_bytes: int = 4) -> float:
     return OPTIMIZER_STATE_BYTES["adamw"] * scale  # unknown names: assume Adam-like, the common worst case
 
 
+def _one_state(name: str) -> bool:
+    return "lion" in name or "rmsprop" in name
+
+
+def is_bnb_8bit(optim: str) -> bool:
+    """HF `optim` names that build a bitsandbytes 8-bit optimizer (not torchao's adamw_torch_8bit, not GaLore's)."""
+    name = (optim or "").lower()
+    return "8bit" in name and not name.startswith(("adamw_torch", "galore"))
+
+
 def with_embedding_states(state_bytes: float, optim: str, trainable: float, embedding_params: int) -> float:
     """State bytes per parameter of a model whose embedding trains. Under a bitsandbytes 8-bit optimizer the HF
     Trainer registers every nn.Embedding for 32-bit states (Trainer.create_optimizer, for stability), so the
-    vocab x hidden embedding keeps fp32 states (8 B per parameter for Adam, 4 for Lion) beside everyone else's
-    8-bit ones. Measured on live tensors: bench/RESULTS.md (0.5B full fine-tune, +0.76 GiB). One plain process
-    only: the override is matched by parameter identity, and DeepSpeed hands the optimizer its flat fp32
-    partitions instead of the model's parameters, so under the engine every state is 8-bit."""
+    vocab x hidden embedding keeps fp32 states (8 B per parameter for Adam, 4 for Lion and RMSprop) beside
+    everyone else's 8-bit ones. Measured on live tensors: bench/RESULTS.md (0.5B full fine-tune, +0.76 GiB).
+    Only where the optimizer holds the model's own parameters (one plain process, or DeepSpeed's stage 0 in fp32):
+    the override is matched by parameter identity, and DeepSpeed's ZeRO and mixed-precision optimizers hand it flat
+    fp32 partitions instead, so under them every state is 8-bit."""
     name = (optim or "").lower()
-    if "8bit" not in name or trainable <= 0:
+    if not is_bnb_8bit(name) or trainable <= 0:
         return state_bytes
     embedding = min(embedding_params, trainable)
-    fp32 = OPTIMIZER_STATE_BYTES["lion" if "lion" in name else "adamw"]
+    fp32 = OPTIMIZER_STATE_BYTES["lion" if _one_state(name) else "adamw"]
     return (state_bytes * (trainable - embedding) + fp32 * embedding) / trainable
 
 

@@ -60,6 +60,11 @@ class _Context:
         trainer does without: PlanRequest.autocast)."""
         return not self.request.deepspeed and self.dp == 1 and stage == 0 and offload == "none"
 
+    def optimizer_holds_parameters(self, stage: int, offload: str) -> bool:
+        """The optimizer steps the model's own parameters: one plain process, or DeepSpeed at stage 0 in fp32 (the
+        engine then uses it unwrapped); ZeRO and DeepSpeed's 16-bit optimizers give it flat fp32 partitions."""
+        return self.single_process(stage, offload) or (stage == 0 and self.precision == "fp32")
+
 
 @dataclass
 class _Result:
@@ -284,9 +289,12 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
     reasons = list(request.notes) + list(inv.notes) + [precision_reason]
     reasons.append(f"usable memory per {explain.unit(ctx)}: {request.memory_fraction:g} x {mem.fmt_bytes(ctx.capacity)}"
                    f" = {mem.fmt_bytes(ctx.usable)}")
-    if result.single_process and request.method == "full" and "8bit" in (request.optimizer or "").lower():
-        reasons.append(f"optimizer {request.optimizer}: the embedding's {shape.vocab * shape.hidden / 1e6:.0f}M "
-                       f"parameters keep fp32 states (the HF Trainer's 32-bit override for nn.Embedding)")
+    embeddings = [m for m in ctx.models if m.trainable and not m.is_lora]
+    if embeddings and mem.is_bnb_8bit(request.optimizer) and ctx.optimizer_holds_parameters(chosen.stage,
+                                                                                           chosen.offload):
+        reasons.append(f"optimizer {request.optimizer}: the embedding of " + ", ".join(
+            f"the {m.role} ({m.shape.vocab * m.shape.hidden / 1e6:.0f}M parameters)" for m in embeddings)
+            + " keeps fp32 states (the HF Trainer's 32-bit override for nn.Embedding)")
     pins = {k: getattr(request, k) for k in ("zero_stage", "offload", "micro_batch_size", "gradient_checkpointing")
             if getattr(request, k) is not None}
     if pins:

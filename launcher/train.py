@@ -112,23 +112,6 @@ def join_process_group(ctx: RunContext) -> None:
     release_cpu_allreduce_buffer(ctx.env.rank)
 
 
-def load_universal(ctx: RunContext, resume: Path) -> None:
-    """Resume a DeepSpeed checkpoint on a new number of ranks: rank 0 converts its ZeRO shards to DeepSpeed's
-    universal checkpoint (once; kept beside the shards), every rank waits, and the engine is told to load that.
-    The global batch is the recipe's whatever the rank count, so the data order, and where it resumes, are the same."""
-    import torch.distributed as dist
-
-    from launcher.checkpoints import checkpoint_layout, to_universal
-
-    if ctx.env.is_main:
-        was = checkpoint_layout(resume)["world_size"]
-        print(f"ftlaunch: {resume.name} was written by {was} rank(s), this run has {ctx.env.world_size}: re-cutting "
-              f"its ZeRO partitions (DeepSpeed universal checkpoint)", file=sys.stderr, flush=True)
-        to_universal(resume)
-    dist.barrier()
-    ctx.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-
-
 def release_cpu_allreduce_buffer(rank: int, shm_dir: Path = Path("/dev/shm")) -> None:
     """DeepSpeed's CPU backend creates one 64 MiB /dev/shm segment per rank for its shared-memory all-reduce
     (deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>) and never unlinks it: every CPU run left
@@ -196,7 +179,8 @@ def write_run_files(ctx: RunContext, argv: list[str], trainer) -> None:
     # The TrainingArguments the plan and recipe produced, readable (HF only pickles them into training_args.bin).
     (out / "training_args.json").write_text(json.dumps(redact(trainer.args.to_dict()), indent=2, default=str))
     if ctx.ds_config is not None:
-        text = json.dumps(ctx.ds_config, indent=2)
+        # without this start's universal-resume switch: reused later, it would make every load demand one
+        text = json.dumps({k: v for k, v in ctx.ds_config.items() if k != "checkpoint"}, indent=2)
         (out / "ds_config.json").write_text(text)
         DS_CONFIG_DIR.mkdir(parents=True, exist_ok=True)
         (DS_CONFIG_DIR / f"{ctx.cfg.name}-{out.name}.json").write_text(text)
@@ -257,15 +241,20 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         if not resume.is_dir():
             raise UserError(f"--resume {args.resume}: no such checkpoint directory")
     repartition = False
-    if resume is not None:
+    if resume is not None and getattr(module, "RESUMES", True):
         from launcher.checkpoints import check_resumable
 
-        repartition = check_resumable(resume, env.world_size, ctx.ds_config is not None)
+        repartition = check_resumable(resume, env.world_size, ctx.ds_config is not None,
+                                      ctx.cfg.training.get("optim") or "adamw_torch")
 
     started = time.time()
     join_process_group(ctx)
     if repartition:
-        load_universal(ctx, resume)
+        from launcher.checkpoints import load_universal_on_all_ranks
+
+        load_universal_on_all_ranks(resume, env.is_main, env.world_size)
+        # for this start's resume only: recipes/callbacks.UniversalLoadOnce turns it off once loaded
+        ctx.ds_config.setdefault("checkpoint", {})["load_universal"] = True
     from launcher.preflight import at_start
 
     at_start(ctx.plan, env.rank, env.local_rank, env.world_size,
@@ -278,6 +267,10 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     committer = CheckpointCommitter(keep=ctx.cfg.safety.keep_checkpoints)
     committer.take_over_rotation(trainer.args)  # HF would rotate before the new checkpoint is marked complete
     ctx.callbacks += [StopAtFinalCheckpoint(), committer]  # committer last: sees should_save set by every other one
+    if repartition:
+        from recipes.callbacks import UniversalLoadOnce
+
+        ctx.callbacks.append(UniversalLoadOnce(trainer))
     for callback in ctx.callbacks:
         trainer.add_callback(callback)
     if env.is_main:

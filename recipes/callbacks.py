@@ -162,3 +162,17 @@ class StopAtFinalCheckpoint(TrainerCallback):
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             raise AlreadyTrained(state.global_step)
         return control
+
+
+class UniversalLoadOnce(TrainerCallback):
+    """A resume on a new rank count loads DeepSpeed's universal checkpoint (launcher/checkpoints.py); the engine
+    keeps that switch for every later load, and a checkpoint this run writes has no universal copy, so loading
+    the best model at the end would fail. Training begins after the resume load: switch it off there."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        engine = getattr(self.trainer, "model_wrapped", None)
+        if hasattr(engine, "_config"):
+            engine._config.load_universal_checkpoint = False

@@ -30,6 +30,8 @@ from launcher.errors import UserError
 from launcher.memory import PPO_ROLLOUT_CHUNK  # the planner sizes the rollout with the same chunk
 from recipes import builder, common, rewards
 
+RESUMES = False  # TRL's PPOTrainer has no resume: launcher/train.py neither checks nor converts a checkpoint
+
 DATA_KIND = "prompts"
 
 

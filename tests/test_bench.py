@@ -143,7 +143,7 @@ def test_gpu_session_keeps_to_its_budget_and_names_what_it_skipped(tmp_path):
     env.pop("TINY", None)
     proc = subprocess.run(["bash", "bench/gpu_session.sh", "5"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # nothing failed, but not everything ran
     summary = (tmp_path / "summary.txt").read_text()
     for step in ("qlora_24gb", "qlora_speed", "mem_7b_qlora", "mem_small", "mem_7b_lora", "sweep_7b", "sweep"):
         assert f"{step}: skipped" in summary

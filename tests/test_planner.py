@@ -337,8 +337,13 @@ def test_8bit_optimizer_keeps_the_trained_embedding_in_32_bits():
                                             offload="none", micro_batch_size=2, optimizer=optim)
     full8 = plan(req("full", "adamw_8bit"), inv, shape).per_gpu_bytes["optimizer"]
     assert full8 == pytest.approx((shape.num_params - emb) * (2 + 8 / 256) + emb * 8, rel=1e-9)
-    assert any("embedding's 136M parameters keep fp32 states" in r for r in plan(req("full", "adamw_8bit"), inv,
-                                                                                  shape).reasons)
+    assert any("embedding of the policy (136M parameters) keeps fp32 states" in r
+               for r in plan(req("full", "adamw_8bit"), inv, shape).reasons)
+    for other in ("adamw_torch_8bit", "galore_adamw_8bit"):  # torchao / GaLore: no bitsandbytes override
+        assert plan(req("full", other), inv, shape).per_gpu_bytes["optimizer"] == \
+            pytest.approx(shape.num_params * (2 + 8 / 256))
+    assert mem.with_embedding_states(mem.optimizer_state_bytes("rmsprop_bnb_8bit"), "rmsprop_bnb_8bit", 100, 10) \
+        == pytest.approx((90 * (1 + 4 / 256) + 10 * 4) / 100)  # one state: 4 B in fp32
     lora8 = plan(req("lora", "adamw_8bit"), inv, shape)
     assert not any("fp32 states" in r for r in lora8.reasons)
     assert lora8.per_gpu_bytes["optimizer"] == pytest.approx(lora8.model["trainable_params"] * (2 + 8 / 256))

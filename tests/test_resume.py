@@ -131,6 +131,10 @@ def test_resume_layouts_that_cannot_carry_the_optimizer_over(tmp_path):
     for world, ds, now_world, now_ds in ((1, False, 2, False), (1, False, 1, True), (2, True, 2, False)):
         with pytest.raises(UserError, match="cannot resume checkpoint-6"):
             ck.check_resumable(layout(world, ds), now_world, now_ds)
+    # ds_to_universal converts Adam's exp_avg / exp_avg_sq only: other optimizers keep their rank count
+    assert ck.check_resumable(layout(2, True), 2, True, "paged_adamw_8bit") is False
+    with pytest.raises(UserError, match="re-cuts only Adam's state .* not training.optim=paged_adamw_8bit"):
+        ck.check_resumable(layout(2, True), 1, True, "paged_adamw_8bit")
 
 
 def test_world_size_change_is_refused_in_one_line(tmp_path, capsys):
@@ -217,7 +221,8 @@ def test_two_rank_zero2_sigkill_resume_is_bitwise_exact(tmp_path, capsys):
     kill_steps = sorted(random.Random(seed).sample(range(2, steps // 2 + 2), 5))
     print(f"kill seed {seed}: SIGKILL at steps {kill_steps}")
 
-    rc, text = bench.reference_run(tmp_path / "ref", steps)
+    # every checkpoint kept: the rank-count resume below starts from checkpoint-8 (rotation changes nothing else)
+    rc, text = bench.run_to_end(tmp_path / "ref", steps, extra=[f"safety.keep_checkpoints={steps}"])
     assert rc == 0, text[-3000:]
     report = bench.killed_run(tmp_path / "killed", steps, kill_steps, seed)
     print("\n".join(report["events"]))
@@ -242,16 +247,39 @@ def test_two_rank_zero2_sigkill_resume_is_bitwise_exact(tmp_path, capsys):
     assert run_inprocess("run", *bench.BASE, f"training.max_steps={steps + 2}", f"output_dir={one}") == 2
     assert "written by 2 ranks with DeepSpeed, this run has 1 rank" in capsys.readouterr().err
 
-    # The 2-rank run's checkpoint-15 on 1 DeepSpeed rank: its ZeRO partitions are re-cut (universal checkpoint) and
-    # the last step lands where the 2-rank run's did, up to float summation order (same global batch, same data).
-    moved = tmp_path / "moved"
+    # The 2-rank run's checkpoint-8 on 1 DeepSpeed rank: its ZeRO partitions are re-cut (universal checkpoint) and
+    # the next 8 steps land where the 2-rank run's did, up to float summation order (same global batch, same data):
+    # a fresh optimizer instead of the re-cut one would move the weights by ~lr per step.
+    moved, start = tmp_path / "moved", steps // 2
     moved.mkdir()
-    shutil.copytree(ref / f"checkpoint-{steps - 1}", moved / f"checkpoint-{steps - 1}")
-    rc, text = bench.run_to_end(moved, steps, ranks=1)
+    shutil.copytree(ref / f"checkpoint-{start}", moved / f"checkpoint-{start}")
+    rc, text = bench.run_to_end(moved, steps, ranks=1, extra=[f"safety.keep_checkpoints={steps}"])
     assert rc == 0, text[-3000:]
     assert "re-cutting its ZeRO partitions" in text
-    assert (moved / f"checkpoint-{steps - 1}" / "latest_universal").read_text() == f"global_step{steps - 1}_universal"
-    assert 0.0 < bench.compare_weights(ref / "adapter_model.safetensors", moved / "adapter_model.safetensors") < 1e-5
-    (ref_step, ref_loss), (moved_step, moved_loss) = bench.loss_history(ref)[-1], bench.loss_history(moved)[-1]
-    assert moved_step == ref_step == steps and moved_loss == pytest.approx(ref_loss, abs=1e-5)
+    assert (moved / f"checkpoint-{start}" / "latest_universal").read_text() == f"global_step{start}_universal"
+    assert bench.compare_weights(ref / "adapter_model.safetensors", moved / "adapter_model.safetensors") < 1e-5
+    after = lambda run: [(s, l) for s, l in bench.loss_history(run) if s > start]  # noqa: E731
+    assert [s for s, _ in after(moved)] == [s for s, _ in after(ref)] and len(after(ref)) >= 2
+    assert [l for _, l in after(moved)] == pytest.approx([l for _, l in after(ref)], abs=1e-5)
     assert ck.checkpoint_layout(moved / f"checkpoint-{steps}")["world_size"] == 1
+    assert "load_universal" not in (moved / "ds_config.json").read_text()  # that start's switch only
+
+
+@pytest.mark.slow
+def test_rank_count_resume_then_load_best_model(tmp_path):
+    """cls_tiny keeps the best checkpoint (load_best_model_at_end). Resumed on a new rank count, the engine loaded
+    a universal checkpoint; loading the best one at the end must read this run's ordinary checkpoint, which has
+    none (DeepSpeed: "Invalid for universal checkpoint: .../latest_universal does not exist" before the fix)."""
+    bench = _bench()
+    base = ["--recipe", "cls_tiny", "classify.eval_steps=2", "training.save_steps=2", "data.num_examples=320",
+            "eval.num_examples=0", "plan.zero_stage=2", "safety.keep_checkpoints=4"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    rc, text = bench.run_to_end(two, 4, ranks=2, base=base)
+    assert rc == 0, text[-3000:]
+    one.mkdir()
+    shutil.copytree(two / "checkpoint-2", one / "checkpoint-2")
+    rc, text = bench.run_to_end(one, 4, ranks=1, base=base)
+    assert rc == 0, text[-3000:]
+    assert "re-cutting its ZeRO partitions" in text
+    m = manifest(one)
+    assert m["status"] == "finished" and m["metrics"]["global_step"] == 4 and m["metrics"]["world_size"] == 1
