@@ -27,9 +27,8 @@ def request_from_recipe(cfg) -> PlanRequest:
         trainable = tokens * shape.hidden * (2 * shape.layers if peft_method == "prefix_tuning" else 1)
         notes.append(f"{peft_method}: {trainable} trainable parameters")
     plan_cfg = cfg.plan
+    attention = "eager" if (getattr(cfg.model, "attn_implementation", None) or "sdpa") == "eager" else "sdpa"
     training = cfg.training or {}
-    implementation = getattr(cfg.model, "attn_implementation", None) or "sdpa"
-    attention = "eager" if implementation == "eager" else "sdpa"  # flash keeps no s x s matrix either
     if training.get("torch_compile"):
         notes.append("training.torch_compile: memory planned as for eager execution (not measured compiled); "
                      "the first steps pay the compilation")
