@@ -147,6 +147,16 @@ def _log(cluster: SlurmCluster, job: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def _tails(log: str, chars: int = 2500) -> str:
+    """The end of each srun task's output (lines prefixed `N: `), then the rest: a failing rank's own error is
+    otherwise pushed out of the message by the other ranks' shutdown noise."""
+    tasks = {}
+    for line in log.splitlines():
+        head = line.split(":", 1)[0]
+        tasks.setdefault(head if head.isdigit() else "-", []).append(line)
+    return "\n".join(f"---- task {k} ----\n" + "\n".join(v)[-chars:] for k, v in sorted(tasks.items()))
+
+
 def _submit(cluster, script, cpu_env):
     res = cluster.sbatch(script, env=cpu_env)
     assert res.returncode == 0, res.stderr
@@ -193,7 +203,7 @@ def test_two_nodes_train_lora_tiny_to_the_end(cluster, cpu_env, tmp_path):
     state = cluster.wait(job, timeout_s=240)
     log = _log(cluster, job)
     print(f"2-node lora_tiny job: {state} in {time.time() - t0:.1f} s")
-    assert state == "COMPLETED", log[-4000:]
+    assert state == "COMPLETED", _tails(log)
     assert "ftlaunch: training finished" in log
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -241,7 +251,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, cpu_env, tmp_p
     assert state == "COMPLETED", log[-5000:]
 
     first, _, second = log.partition("(restart 1)")
-    assert second, log[-4000:]
+    assert second, _tails(log)
     m = re.search(r"preemption requested: saving checkpoint-(\d+)", first)
     assert m, first[-4000:]
     saved = int(m.group(1))
