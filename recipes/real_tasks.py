@@ -183,7 +183,7 @@ def read_source(source: str, data_cfg, kind: str, seed: int, for_eval: bool):
     parsed = parse(source.strip())
     if parsed is None:
         return None
-    from recipes.data import RawSource, synthetic_counts
+    from recipes.data_sources import RawSource, synthetic_counts
 
     spec, options = parsed
     n_train, n_eval = synthetic_counts(data_cfg, for_eval)
