@@ -250,8 +250,8 @@ def features(opts, env: dict) -> int:
                                       f"2nd-half mean dloss {diff:+.3f}")
         rows.append(row)
     common.print_table(rows, [(k, k) for k in ("feature", "train s", "CPU s", "input tokens", "tokens/s",
-                                                "first step s", "steady tokens/s (2nd half)", "loss first", "loss 2nd-half mean", "train-time ratio",
-                                                "vs baseline")])
+                                                "first step s", "steady tokens/s (2nd half)", "loss first",
+                                                "loss 2nd-half mean", "train-time ratio", "vs baseline")])
     print(f"   per-step loss noise of the baseline (2nd half, std of step-to-step change / sqrt 2): {noise:.3f}; "
           f"times are medians of {opts.repeats} round(s); input tokens include padding")
     return 0

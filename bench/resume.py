@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from launcher.checkpoints import MARKER, checkpoints, newest_complete_checkpoint, step_of  # noqa: E402
 
 # 240 training rows = 15 whole global batches an epoch: no partial last batch, which a different rank count would
-# fill differently (tests/test_resume.py resumes this run's checkpoint-15 on one rank).
+# fill differently (tests/test_resume.py resumes a 16-step run's checkpoint-8 on one rank).
 BASE = ["--recipe", "lora_tiny", "plan.zero_stage=2", "training.save_steps=1", "data.num_examples=256",
         "eval.num_examples=1", "plan.global_batch_size=16", "training.logging_steps=4", "data.eval_ratio=0.0625",
         "training.warmup_steps=2"]

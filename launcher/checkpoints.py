@@ -144,7 +144,7 @@ UNIVERSAL_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
 CONVERT_TIMEOUT_HOURS = 6  # rank 0 converts while the others wait: a 70B full fine-tune's states are ~1 TB
 
 
-def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str = "adamw_torch") -> bool:
+def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str | None = None) -> bool:
     """Refuse (UserError, exit 2) a resume that would not be exact; True when it needs DeepSpeed's universal
     checkpoint (`to_universal`): a DeepSpeed checkpoint resumed by DeepSpeed on a new number of ranks, whose ZeRO
     partitions of the optimizer state must be re-cut. The plain HF Trainer silently starts a fresh optimizer from a
@@ -161,7 +161,8 @@ def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str
             f"with the same launcher{' and rank count' if not deepspeed else ''}, or start afresh in a new "
             f"output_dir (or --resume never)")
     repartition = layout["world_size"] != world_size
-    if repartition and (optimizer or "adamw_torch") not in UNIVERSAL_OPTIMIZERS:
+    optimizer = optimizer or "adamw_torch"  # the HF default when a recipe names none
+    if repartition and optimizer not in UNIVERSAL_OPTIMIZERS:
         raise UserError(
             f"cannot resume {path.name} on {world_size} ranks: it was written by {layout['world_size']}, and "
             f"DeepSpeed re-cuts only Adam's state ({', '.join(UNIVERSAL_OPTIMIZERS)}), not training.optim="

@@ -244,8 +244,7 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     if resume is not None and getattr(module, "RESUMES", True):
         from launcher.checkpoints import check_resumable
 
-        repartition = check_resumable(resume, env.world_size, ctx.ds_config is not None,
-                                      ctx.cfg.training.get("optim") or "adamw_torch")
+        repartition = check_resumable(resume, env.world_size, ctx.ds_config is not None, ctx.cfg.training.get("optim"))
 
     started = time.time()
     join_process_group(ctx)
