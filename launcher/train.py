@@ -112,6 +112,18 @@ def join_process_group(ctx: RunContext) -> None:
     release_cpu_allreduce_buffer(ctx.env.rank)
 
 
+def leave_process_group() -> None:
+    """Each rank leaves the process group itself once its run has returned. Left to interpreter teardown, gloo's
+    worker threads can outlive the objects they use, and a rank that finished its work aborts ("terminate called
+    without an active exception", exit -6; pytorch/pytorch#190489): seen once in CI after a complete ZeRO-3 run,
+    reproduced here by a bare gloo all-gather then exit. Only on a normal return: after an exception a peer may
+    still be inside a collective, and leaving could wait on it; that process fails anyway."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def release_cpu_allreduce_buffer(rank: int, shm_dir: Path = Path("/dev/shm")) -> None:
     """DeepSpeed's CPU backend creates one 64 MiB /dev/shm segment per rank for its shared-memory all-reduce
     (deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>) and never unlinks it: every CPU run left
@@ -212,11 +224,13 @@ def run(argv: list[str]) -> int:
     ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=out)
     module = importlib.import_module(f"recipes.{cfg.method}")  # one module per method
     try:
-        return _run(ctx, module, args, argv)
+        code = _run(ctx, module, args, argv)
     except UserError:
         if env.is_main and not existed and out.exists():  # nothing half-written
             shutil.rmtree(out, ignore_errors=True)
         raise
+    leave_process_group()
+    return code
 
 
 def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
