@@ -116,8 +116,8 @@ def leave_process_group() -> None:
     """Each rank leaves the process group itself once its run has returned. Left to interpreter teardown, gloo's
     worker threads can outlive the objects they use, and a rank that finished its work aborts ("terminate called
     without an active exception", exit -6; pytorch/pytorch#190489): seen once in CI after a complete ZeRO-3 run,
-    reproduced here by a bare gloo all-gather then exit. Only on a normal return: after an exception a peer may
-    still be inside a collective, and leaving could wait on it; that process fails anyway."""
+    reproduced here by a bare gloo all-gather then exit. Not after an unexpected exception: this rank may
+    have work queued on a collective, and leaving waits for it; that process fails anyway."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -228,6 +228,7 @@ def run(argv: list[str]) -> int:
     except UserError:
         if env.is_main and not existed and out.exists():  # nothing half-written
             shutil.rmtree(out, ignore_errors=True)
+        leave_process_group()  # raised by our own checks, between collectives: keeps its one line and exit 2
         raise
     leave_process_group()
     return code
