@@ -122,11 +122,6 @@ def print_header(title: str) -> None:
 
 # ---- fresh-subprocess workers --------------------------------------------------------------------------------------
 
-def print_row(row: dict) -> None:
-    """Each finished row at once, as JSON: a run stopped by its deadline (bench/gpu_session.sh) keeps its figures."""
-    print("   row " + json.dumps(row, default=str), flush=True)
-
-
 def emit(result: dict) -> None:
     """A worker's last word: one tagged JSON line on stdout."""
     sys.stdout.flush()
@@ -370,6 +365,11 @@ def print_table(rows: list, columns: list) -> None:
         print("  " + "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             print("  " + "  ".join("-" * w for w in widths))
+
+
+def print_row(row: dict) -> None:
+    """Each finished row at once, as JSON: a run stopped by its deadline (bench/gpu_session.sh) keeps its figures."""
+    print("   row " + json.dumps(row, default=str), flush=True)
 
 
 def inventory_here():

@@ -78,7 +78,7 @@ def _states(ctx: "_Context", stage: int, offload: str, hpz: bool):
             param_bytes = ctx.request.quantized_adapter_bytes
         if param_bytes != 4:
             state_bytes = mem.optimizer_state_bytes(ctx.request.optimizer, param_bytes)
-        if m.trainable and not m.is_lora and ctx.optimizer_holds_parameters(stage, offload):  # see the function
+        if ctx.fp32_embedding_states(m, stage, offload):
             state_bytes = mem.with_embedding_states(state_bytes, ctx.request.optimizer, m.trainable,
                                                     m.shape.vocab * m.shape.hidden)
         s = mem.model_states(trainable=m.trainable, frozen_bytes=m.frozen_bytes, precision=ctx.precision,

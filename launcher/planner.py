@@ -60,10 +60,13 @@ class _Context:
         trainer does without: PlanRequest.autocast)."""
         return not self.request.deepspeed and self.dp == 1 and stage == 0 and offload == "none"
 
-    def optimizer_holds_parameters(self, stage: int, offload: str) -> bool:
-        """The optimizer steps the model's own parameters: one plain process, or DeepSpeed at stage 0 in fp32 (the
-        engine then uses it unwrapped); ZeRO and DeepSpeed's 16-bit optimizers give it flat fp32 partitions."""
-        return self.single_process(stage, offload) or (stage == 0 and self.precision == "fp32")
+    def fp32_embedding_states(self, model, stage: int, offload: str) -> bool:
+        """`model`'s trained embedding keeps fp32 states (memory.with_embedding_states): a bitsandbytes 8-bit
+        optimizer, and one that steps the model's own parameters, since the HF Trainer's override matches them by
+        identity: one plain process, or DeepSpeed at stage 0 in fp32 (the engine then uses it unwrapped); ZeRO and
+        DeepSpeed's 16-bit optimizers give it flat fp32 partitions."""
+        return (model.trainable > 0 and not model.is_lora and mem.is_bnb_8bit(self.request.optimizer)
+                and (self.single_process(stage, offload) or (stage == 0 and self.precision == "fp32")))
 
 
 @dataclass
@@ -289,9 +292,8 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
     reasons = list(request.notes) + list(inv.notes) + [precision_reason]
     reasons.append(f"usable memory per {explain.unit(ctx)}: {request.memory_fraction:g} x {mem.fmt_bytes(ctx.capacity)}"
                    f" = {mem.fmt_bytes(ctx.usable)}")
-    embeddings = [m for m in ctx.models if m.trainable and not m.is_lora]
-    if embeddings and mem.is_bnb_8bit(request.optimizer) and ctx.optimizer_holds_parameters(chosen.stage,
-                                                                                           chosen.offload):
+    embeddings = [m for m in ctx.models if ctx.fp32_embedding_states(m, chosen.stage, chosen.offload)]
+    if embeddings:
         reasons.append(f"optimizer {request.optimizer}: the embedding of " + ", ".join(
             f"the {m.role} ({m.shape.vocab * m.shape.hidden / 1e6:.0f}M parameters)" for m in embeddings)
             + " keeps fp32 states (the HF Trainer's 32-bit override for nn.Embedding)")
