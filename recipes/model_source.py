@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
-from recipes.builder import _publish_dir, cache_dir
+from recipes.builder import _publish_dir, cache_dir, rng_untouched
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ def _converted_dir(alias: str, gguf: Path) -> Path:
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            convert_gguf(gguf, tmp)
+            with rng_untouched():  # from_config initialises random weights before the copy
+                convert_gguf(gguf, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

