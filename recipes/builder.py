@@ -22,10 +22,11 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def rng_untouched():
-    """Leave torch's global RNG as it was while a cache entry is built (a model initialised from its config, or a
-    PEFT model's fresh adapter layers before its weights load, draws from it). Otherwise the run that fills a cold cache initialises its adapter differently from every run that
-    reuses the entry: lora_smol's first run on a fresh clone diverged from later ones at step 3 (exact match 0.83
-    vs 0.79). Python's and numpy's RNGs are not drawn from by these builders."""
+    """Leave torch's global RNG as it was while a cache entry is built: a model initialised from its config, or a
+    PEFT model's fresh adapter layers before its weights load, draws from it. Otherwise the run that fills a cold
+    cache initialises its adapter differently from every run that reuses the entry: lora_smol's first run on a
+    fresh clone diverged from later ones at step 3 (exact match 0.83 vs 0.79). Python's and numpy's RNGs are not
+    drawn from by these builders (recipes/tiny.tiny_model forks the same way around its seeded init)."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
@@ -54,7 +55,7 @@ def tiny_model_dir(overrides: dict | None, seed: int) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
     tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer, seed=seed, **(overrides or {}))  # forks the RNG itself
+    model = tiny_model(tokenizer, seed=seed, **(overrides or {}))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _publish_dir(tmp, final)
