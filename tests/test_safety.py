@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -207,3 +209,15 @@ def test_builder_passes_trust_remote_code_from_config_only():
     assert uses and set(uses) == {"cfg.model.trust_remote_code"}, uses
     assert "trust_remote_code=True" not in "".join(p.read_text() for p in _our_python_files())
 
+
+
+def test_a_rank_exit_runs_the_exit_handlers_flushes_and_keeps_its_code(tmp_path):
+    """launcher/run.py ends a rank with exit_rank (no interpreter teardown): what a normal exit does must still happen."""
+    marker = tmp_path / "atexit"
+    script = (f"import atexit, sys; sys.path.insert(0, {str(REPO)!r}); from launcher.train import exit_rank\n"
+              f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+              "print('block-buffered to a pipe', end=''); sys.stderr.write('to stderr')\n"
+              "exit_rank(143)\nraise SystemExit(1)")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stdout, res.stderr) == (143, "block-buffered to a pipe", "to stderr")
+    assert marker.read_text() == "ran"
