@@ -419,7 +419,7 @@ def pinned_run(recipe: str, model_dir, data, *, seq: int, micro: int, global_bat
                  *overrides]
     result: dict = {}
     with metered(result):
-        trainer, _, request, cfg = ftlaunch_trainer(recipe, overrides, inventory, tempfile_dir(),
+        trainer, _, request, cfg = ftlaunch_trainer(recipe, overrides, inventory, scratch_dir("bench-run-"),
                                                     dict(BENCH_TRAINING, max_steps=steps, **(training or {})),
                                                     force=True, cpu_fallbacks=True)
         pred = estimate(request, inventory, request.shape, zero_stage=0, offload="none",
@@ -436,7 +436,15 @@ def pinned_run(recipe: str, model_dir, data, *, seq: int, micro: int, global_bat
     return result
 
 
-def tempfile_dir() -> str:
+def scratch_dir(prefix: str) -> str:
+    """A fresh temporary directory that is removed when this process exits (FTLAUNCH_BENCH_KEEP=1 keeps it, to look
+    inside). Every benchmark's outputs and data go in one: a benchmark leaves nothing behind, on a 64 GiB GPU disk
+    or in CI's /tmp, run after run."""
+    import atexit
+    import shutil
     import tempfile
 
-    return tempfile.mkdtemp(prefix="bench-run-")
+    path = tempfile.mkdtemp(prefix=prefix)
+    if os.environ.get("FTLAUNCH_BENCH_KEEP") != "1":
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -202,7 +201,7 @@ def main(argv=None) -> int:
     if not gpu and not (opts.tiny or opts.cpu):
         print("no GPU here: --cpu (or --tiny) checks the tensor-level model on this CPU; the goal needs a GPU")
         return 2
-    work = Path(tempfile.mkdtemp(prefix="bench-mem-data-"))
+    work = Path(common.scratch_dir("bench-mem-data-"))
     rows, data_files = [], {}
     for i in chosen:
         card, method, seq, micro, ckpt, *accumulation = configs[i]

@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -123,7 +122,7 @@ def compare_args(a: Path, b: Path) -> list[str]:
 
 
 def overhead(opts, env: dict) -> int:
-    work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    work = Path(common.scratch_dir("bench-overhead-"))
     model_dir, data, plan = prepare(work)
     print(f"   recipe {RECIPE}: model {model_dir}; data {ROWS} rows; plan micro-batch {plan.micro_batch_size} x "
           f"accumulation {plan.gradient_accumulation_steps}, checkpointing {plan.gradient_checkpointing}, "
@@ -204,7 +203,7 @@ def features(opts, env: dict) -> int:
     (runs are seeded: repeats give the same curve, only the times move)."""
     import numpy as np
 
-    work = Path(tempfile.mkdtemp(prefix="bench-features-"))
+    work = Path(common.scratch_dir("bench-features-"))
     runs: dict = {label: [] for label, _ in FEATURES}
     for rnd in range(opts.repeats):
         order = FEATURES[rnd % len(FEATURES):] + FEATURES[:rnd % len(FEATURES)]
@@ -277,7 +276,7 @@ def main(argv=None) -> int:
     opts.steps = opts.steps or (5 if opts.tiny else (40 if opts.features else 30))
     opts.repeats = opts.repeats or (1 if opts.tiny else (2 if opts.features else 3))
     env = {**os.environ, **{k: v for k, v in common.OFFLINE_ENV.items() if v},
-           "FTLAUNCH_DS_CONFIG_DIR": tempfile.mkdtemp(prefix="bench-ds-")}
+           "FTLAUNCH_DS_CONFIG_DIR": common.scratch_dir("bench-ds-")}
     if opts.threads:
         env["OMP_NUM_THREADS"] = opts.threads
     if opts.features:

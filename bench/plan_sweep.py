@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
                         f"({shape.name} {opts.method}, seq {opts.seq}, global batch {opts.global_batch})"
                         + ("" if gpu else " [CPU tiny: code path, not the goal]"))
     model_dir = common.random_model_dir(shape, max_positions=max(4096, opts.seq))
-    data = common.digit_text_file(Path(tempfile.mkdtemp(prefix="bench-sweep-")) / "train.jsonl",
+    data = common.digit_text_file(Path(common.scratch_dir("bench-sweep-")) / "train.jsonl",
                                   opts.global_batch * opts.steps, opts.seq)
     p, inventory = chosen_plan(opts, model_dir, data)
     print(f"   inventory: {inventory.describe()}; chosen: micro-batch {p.micro_batch_size}, checkpointing "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -68,7 +67,7 @@ def worker(opts) -> dict:
     if opts.cap_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, opts.cap_gib * common.GiB / total))
-    out_dir = tempfile.mkdtemp(prefix="bench-qlora-")
+    out_dir = common.scratch_dir("bench-qlora-")
     result = {"kind": opts.worker, "inventory": opts.inventory}
     with common.metered(result):
         if opts.worker == "ftlaunch":
@@ -173,7 +172,7 @@ def main(argv=None) -> int:
         return 2
     shape = shape_for(opts.tiny)
     model_dir = common.random_model_dir(shape, max_positions=max(4096, opts.seq))
-    work = Path(tempfile.mkdtemp(prefix="bench-qlora-data-"))
+    work = Path(common.scratch_dir("bench-qlora-data-"))
     data = common.digit_text_file(work / "train.jsonl", opts.global_batch * opts.steps, opts.seq)
     print(f"   model: {shape.name} shape, random weights in {model_dir} ({shape.num_params / 1e9:.2f} B params), "
           f"NF4 on load; data: random digits, {opts.seq} tokens per row, global batch {opts.global_batch}, "

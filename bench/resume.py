@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -175,9 +174,14 @@ def main() -> int:
     # Kills can land a few steps late and push later targets along: keep them out of the last quarter.
     span = range(2, max(3, args.steps * 3 // 4))
     kill_steps = sorted(rng.sample(span, min(args.kills, len(span))))
-    root = Path(args.keep_dir or tempfile.mkdtemp(prefix="ftlaunch-resume-"))
-    root.mkdir(parents=True, exist_ok=True)
-    print(f"seed {seed}; kill steps {kill_steps}; dir {root}")
+    if args.keep_dir:
+        root = Path(args.keep_dir)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        from bench import common
+
+        root = Path(common.scratch_dir("ftlaunch-resume-"))
+    print(f"seed {seed}; kill steps {kill_steps}; dir {root}" + ("" if args.keep_dir else " (removed at exit)"))
     t0 = time.time()
     rc, text = reference_run(root / "ref", args.steps)
     assert rc == 0, text[-3000:]

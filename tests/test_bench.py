@@ -90,8 +90,8 @@ def test_sweep_micro_batches_and_table(capsys):
     assert "0.5" in capsys.readouterr().out
 
 
-def _run(args: list, timeout: int = 1500) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def _run(args: list, timeout: int = 1500, **env_extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env_extra}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -104,10 +104,13 @@ def _run(args: list, timeout: int = 1500) -> subprocess.CompletedProcess:
     ["bench/plan_sweep.py", "--tiny", "--micro", "8", "--steps", "2"],
 ], ids=SCRIPTS)
 def test_tiny_mode_runs(args, tmp_path):
-    proc = _run(args + ([] if "overhead" in args[0] else ["--json", str(tmp_path / "rows.json")]))
+    scratch = tmp_path / "tmp"  # the script's and its workers' temporary files: none may outlive the run
+    scratch.mkdir()
+    proc = _run(args + ([] if "overhead" in args[0] else ["--json", str(tmp_path / "rows.json")]), TMPDIR=str(scratch))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "FIGURE" in out
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith(("bench-", "tmp"))], list(scratch.iterdir())
     if "overhead" not in args[0]:
         rows = json.loads((tmp_path / "rows.json").read_text())
         assert rows and not any(r.get("error") for r in rows), rows
