@@ -22,6 +22,7 @@ from recipes.data_sources import RawSource, read_source
 from recipes.formats import FORMATS, convert, detect_format, label_mapping, require_columns
 
 KINDS = ("sft", "preference", "prompts", "classification")
+LENGTH_COLUMN = "_n_tokens"  # each row's token count, added by count_tokens
 
 
 @dataclass
@@ -30,6 +31,7 @@ class DataBundle:
     eval: Any  # datasets.Dataset or None (eval_ratio 0 and no eval_source)
     format: str  # detected format of the (first) training source, e.g. "alpaca", "synthetic:arith"
     stats: dict = field(default_factory=dict)  # for the run summary: rows read, dropped (with reasons), truncated, ...
+    train_lengths: Optional[list] = None  # tokens of each training row, in the dataset's order (None: not counted)
 
 
 def load_data(data_cfg, kind: str, tokenizer=None, seed: int = 0) -> DataBundle:
@@ -74,11 +76,14 @@ def load_data(data_cfg, kind: str, tokenizer=None, seed: int = 0) -> DataBundle:
     _check_same_columns([t for t in trains], sources)
     train = mix(trains, weights, seed) if len(trains) > 1 else trains[0]
     evaluation = _concat(evals) if evals else None
+    # The counted lengths travelled with the rows through dropping, splitting and mixing; the trainers get none.
+    train, train_lengths = _pop_lengths(train)
+    evaluation, _ = _pop_lengths(evaluation)
     stats.update(train_rows=len(train), eval_rows=len(evaluation) if evaluation is not None else 0,
                  columns=list(train.column_names), format=stats["sources"][0]["format"])
     if kind == "classification":
         stats["label_counts"] = _label_counts(train)
-    return DataBundle(train=train, eval=evaluation, format=stats["format"], stats=stats)
+    return DataBundle(train=train, eval=evaluation, format=stats["format"], stats=stats, train_lengths=train_lengths)
 
 
 def count_tokens(batch, tokenizer, kind):
@@ -119,7 +124,7 @@ def count_tokens(batch, tokenizer, kind):
             ids = tokenizer([text for _, text in items], add_special_tokens=special)["input_ids"]
             for (i, _), row_ids in zip(items, ids):
                 lengths[i] = max(lengths[i], len(row_ids) + extra)
-    return {"_n_tokens": lengths}
+    return {LENGTH_COLUMN: lengths}
 
 
 # ---- preparing: convert, validate, length, split ---------------------------------------------------------------
@@ -164,17 +169,23 @@ def _handle_length(ds, kind, label, tokenizer, max_length, too_long, stats):
         return ds
     ds = ds.map(count_tokens, batched=True, fn_kwargs={"tokenizer": tokenizer, "kind": kind},
                 desc="Counting tokens")
-    lengths = list(ds["_n_tokens"])
+    lengths = list(ds[LENGTH_COLUMN])
     over = sum(1 for n in lengths if n > max_length)
     stats["max_tokens"] = max([stats.get("max_tokens", 0)] + lengths)
     stats["total_tokens"] = stats.get("total_tokens", 0) + sum(lengths)
     if over and too_long == "drop":
-        ds = ds.filter(lambda n: n <= max_length, input_columns="_n_tokens", desc="Dropping over-long rows")
+        ds = ds.filter(lambda n: n <= max_length, input_columns=LENGTH_COLUMN, desc="Dropping over-long rows")
         stats["dropped"]["too_long"] = stats["dropped"].get("too_long", 0) + over
     elif over:
         # Kept; cut at max_length tokens by the trainer (SFTConfig/DPOConfig max_length) or the recipe (PPO, GRPO).
         stats["truncated"] += over
-    return ds.remove_columns("_n_tokens")
+    return ds  # the length column stays with its rows until load_data takes it off (_pop_lengths)
+
+
+def _pop_lengths(ds):
+    if ds is None or LENGTH_COLUMN not in ds.column_names:
+        return ds, None
+    return ds.remove_columns(LENGTH_COLUMN), list(ds[LENGTH_COLUMN])
 
 
 def split_train_eval(ds, ratio: float, seed: int, stratify: bool = False):
@@ -225,11 +236,14 @@ def _check_weights(weights, n_sources: int):
 
 
 def _check_same_columns(parts, sources) -> None:
-    first = set(parts[0].column_names)
+    def columns(ds):
+        return sorted(set(ds.column_names) - {LENGTH_COLUMN})
+
+    first = columns(parts[0])
     for part, name in zip(parts[1:], sources[1:]):
-        if set(part.column_names) != first:
-            raise UserError(f"data.source: '{name}' gives columns {sorted(part.column_names)} but '{sources[0]}' "
-                            f"gives {sorted(first)}; mix only sources of the same format")
+        if columns(part) != first:
+            raise UserError(f"data.source: '{name}' gives columns {columns(part)} but '{sources[0]}' "
+                            f"gives {first}; mix only sources of the same format")
 
 
 def _concat(parts):
@@ -283,3 +297,11 @@ def padding_fraction(lengths: list[int], batch_size: int, packed: bool, max_leng
         slots += max(batch) * len(batch)
         real += sum(batch)
     return 1.0 - real / slots if slots else 0.0
+
+
+def padding_share(lengths: list[int], micro_batch_size: int, max_length: int, seed: int) -> float:
+    """Expected share of padding in an unpacked run's micro-batches: rows drawn in shuffled order (the trainers'
+    random sampler), each micro-batch padded to its longest row (TRL's collator without packing)."""
+    order = list(lengths)
+    random.Random(f"padding:{seed}").shuffle(order)
+    return padding_fraction(order, micro_batch_size, packed=False, max_length=max_length)

@@ -11,7 +11,7 @@ import pytest
 from launcher.config import DataSection
 from launcher.errors import UserError
 from recipes import synthetic
-from recipes.data import DataBundle, bfd_pack, load_data, padding_fraction
+from recipes.data import LENGTH_COLUMN, DataBundle, bfd_pack, count_tokens, load_data, padding_fraction, padding_share
 
 
 @pytest.fixture(scope="module")
@@ -474,3 +474,27 @@ def test_padding_fraction():
     packed = padding_fraction(skewed, 8, packed=True, max_length=256)
     assert unpacked > 0.3 and packed < 0.05
     assert padding_fraction(skewed, 8, packed=True, max_length=256, padding_free=True) == 0.0
+
+
+def test_token_counts_travel_with_their_rows(tmp_path, tok):
+    """load_data hands back each training row's token count in the dataset's final order (dropping, splitting and
+    mixing reorder rows); neither split keeps the helper column, so the trainers never see it."""
+    rng = random.Random(0)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "x " * rng.randint(1, 40)} for _ in range(60)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "y " * rng.randint(1, 40)} for _ in range(30)])
+    bundle = load_data(cfg(source=[a, b], weights=[0.5, 0.5], max_length=32, too_long="drop", eval_ratio=0.2),
+                       "sft", tok)
+    assert LENGTH_COLUMN not in bundle.train.column_names and LENGTH_COLUMN not in bundle.eval.column_names
+    recounted = count_tokens(bundle.train.to_dict(), tok, "sft")[LENGTH_COLUMN]
+    assert bundle.train_lengths == recounted and max(recounted) <= 32 and len(set(recounted)) > 5
+    assert load_data(cfg(source=a, eval_ratio=0.0), "sft").train_lengths is None  # no tokenizer: nothing counted
+
+
+def test_padding_share_of_shuffled_micro_batches():
+    rng = random.Random(0)
+    skewed = [rng.choice([8, 12, 16]) if rng.random() < 0.8 else rng.randint(100, 250) for _ in range(500)]
+    share = padding_share(skewed, 8, max_length=256, seed=0)
+    assert 0.3 < share < 1 and share == padding_share(skewed, 8, max_length=256, seed=0)
+    assert padding_share(skewed, 1, max_length=256, seed=0) == 0.0  # a row alone is never padded
+    assert padding_share([12] * 100, 8, max_length=256, seed=0) == 0.0
+    assert padding_share(skewed, 8, max_length=16, seed=0) < share  # rows cut at max_length pad less

@@ -3,6 +3,7 @@ real `deepspeed` launcher runs ZeRO-2 and ZeRO-3 across 2 CPU ranks."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ def test_tiny_recipe_trains_and_loss_falls(recipe, tmp_path):
     assert m["status"] == "finished" and metrics["global_step"] == 12 and metrics["world_size"] == 1
     assert metrics["train_loss_last"] < metrics["train_loss_first"] - 0.5, metrics
     assert 0.0 <= metrics["after"]["exact_match"] <= 1.0 and metrics["before"]["n"] == 16
+    assert metrics["data"]["padding_share"] < 0.25  # sums of similar length: little padding, no packing advice
     assert (out / "recipe.yaml").exists() and (out / "tokenizer.json").exists()
     weights = "adapter_model.safetensors" if recipe != "sft_tiny" else "model.safetensors"
     assert (out / weights).exists()
@@ -30,6 +32,31 @@ def test_tiny_recipe_trains_and_loss_falls(recipe, tmp_path):
         targets = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
         assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert list((out).glob("**/events.out.tfevents*")), "tensorboard events are written by default"
+
+
+def test_padding_share_is_what_the_trainer_pads_and_start_lines_advise_packing(tmp_path, capsys):
+    """The padding share computed from the counted row lengths is the share of padding in the trainer's own
+    micro-batches; a large one is reported at the start with the switch that removes it."""
+    from launcher.config import load_recipe
+    from launcher.train import DistEnv, RunContext, make_plan
+    from recipes import common, sft
+
+    rng = random.Random(0)
+    rows = [{"prompt": f"{i}+1=", "completion": " ".join(["one"] * (1 if rng.random() < 0.8 else 20))}
+            for i in range(400)]
+    data = tmp_path / "skewed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_recipe("lora_tiny", overrides=[f"output_dir={tmp_path / 'out'}", f"data.source={data}",
+                                              "plan.micro_batch_size=16", "plan.global_batch_size=16"])
+    ctx = RunContext(cfg=cfg, plan=make_plan(cfg, DistEnv()), env=DistEnv(), ds_config=None, output_dir=tmp_path)
+    trainer, _ = sft.build(ctx)
+    masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
+    measured = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    share = ctx.stats["padding_share"]
+    assert share > 0.25 and abs(share - measured) < 0.05, (share, measured)  # another shuffle, same expectation
+    common.print_start(ctx, trainer, None)
+    assert f"~{share:.0%} of the token slots in a micro-batch of 16 are padding; data.packing=true" in \
+        capsys.readouterr().out
 
 
 def _trained_in_memory(recipe: str, out: Path):
