@@ -43,6 +43,14 @@ class DistEnv:
 
 
 @dataclass
+class PlanInputs:
+    """What a run's plan was made from (plain data), kept so the run can plan again once it has counted its rows."""
+
+    request: object  # PlanRequest (its shape is the model's)
+    inventory: object  # Inventory
+
+
+@dataclass
 class RunContext:
     """What a recipe module gets: validated config, the plan, and where things go."""
 
@@ -53,6 +61,50 @@ class RunContext:
     output_dir: Path
     callbacks: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # data counts etc., shown in the summary
+    planned_from: PlanInputs | None = None  # None: the plan stays as given (benchmarks pin theirs)
+    start_notes: list = field(default_factory=list)  # lines for the start of the run (recipes.common.print_start)
+
+    def fit_plan_to_rows(self, longest: int) -> None:
+        """Plan again for sequences of `longest` tokens, the data's longest row (after truncation or dropping),
+        when that is under data.max_length: the collators pad each micro-batch to its longest row, so no batch is
+        longer, and shorter sequences free activation memory for a larger micro-batch or no recompute. ZeRO stage
+        and offload stay as first planned (the pre-flight host check ran for them). Every rank counts the same
+        rows, so every rank still plans the same. The recipe reads ctx.plan after loading its data."""
+        from dataclasses import replace
+
+        from launcher.ds_config import deepspeed_config, gradient_clipping
+        from launcher.planner import plan as plan_memory
+
+        cut = self.cfg.data.max_length - longest
+        if self.planned_from is None or cut <= 0:
+            return
+        first, request = self.plan, self.planned_from.request
+        note = (f"seq_len {request.seq_len - cut}: the data's longest row is {longest} tokens, under data.max_length "
+                f"{self.cfg.data.max_length} (micro-batches are padded to their longest row)")
+        request = replace(request, seq_len=request.seq_len - cut, zero_stage=first.zero_stage, offload=first.offload,
+                          notes=[*request.notes, note])
+        fitted = plan_memory(request, self.planned_from.inventory)
+        if not fitted.fits:  # shorter sequences never need more memory; keep the first plan if they somehow do
+            return
+        self.plan, self.planned_from = fitted, replace(self.planned_from, request=request)
+        if self.ds_config is not None:  # keep this start's one-off resume switch (see _run)
+            kept = {k: v for k, v in self.ds_config.items() if k == "checkpoint"}
+            self.ds_config = {**deepspeed_config(fitted, gradient_clipping(self.cfg)), **kept}
+        changes = _plan_changes(first, fitted)
+        if changes:  # otherwise only the plan's reasons (manifest, summary) mention the shorter rows
+            self.start_notes.append(f"planned for rows of at most {longest} tokens (the data's longest; "
+                                    f"data.max_length {self.cfg.data.max_length}): {changes}")
+
+
+def _plan_changes(before, after) -> str:
+    """What fitting the plan to shorter rows changed, in the start line's words ('' if no choice changed)."""
+    def on_off(on):
+        return "on" if on else "off"
+
+    return ", ".join(f"{label} {fmt(getattr(before, key))} -> {fmt(getattr(after, key))}"
+                     for key, label, fmt in (("micro_batch_size", "micro-batch", str),
+                                             ("gradient_checkpointing", "checkpointing", on_off))
+                     if getattr(before, key) != getattr(after, key))
 
 
 def parse_args(argv: list[str]):
@@ -68,19 +120,22 @@ def parse_args(argv: list[str]):
     return parser.parse_intermixed_args(argv)  # overrides may come before and after --resume etc.
 
 
-def make_plan(cfg, env: DistEnv):
+def plan_inputs(cfg, env: DistEnv) -> PlanInputs:
     from launcher.inventory import detect_inventory
-    from launcher.planner import plan as plan_memory
     from launcher.recipe_request import request_from_recipe
-    from launcher.shapes import resolve_shape
 
     # Without a launcher this is one process, even on a machine with several GPUs (NVML would count them all).
     env_vars = dict(os.environ) if env.launched else {**os.environ, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    inventory = detect_inventory(spec=None, env=env_vars)
-    shape = resolve_shape(cfg.model.name, cfg.model.tiny)
     request = request_from_recipe(cfg)
     request.deepspeed = env.launched  # the engine (with its fp32 masters) runs even on one rank
-    plan = plan_memory(request, inventory, shape)
+    return PlanInputs(request, detect_inventory(spec=None, env=env_vars))
+
+
+def make_plan(cfg, env: DistEnv, inputs: PlanInputs | None = None):
+    from launcher.planner import plan as plan_memory
+
+    inputs = inputs or plan_inputs(cfg, env)
+    plan = plan_memory(inputs.request, inputs.inventory)
     if not plan.fits:
         raise PlanDoesNotFit(plan.reason)
     return plan
@@ -229,13 +284,14 @@ def run(argv: list[str]) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     cfg = load_recipe(args.recipe, args.config, args.overrides)
     env = DistEnv.from_env(args.local_rank)
-    plan = make_plan(cfg, env)
+    inputs = plan_inputs(cfg, env)
+    plan = make_plan(cfg, env, inputs)
     from launcher.ds_config import deepspeed_config, gradient_clipping
 
     ds = deepspeed_config(plan, gradient_clipping(cfg)) if env.launched else None
     out = Path(cfg.output_dir)
     existed = out.exists() and any(out.iterdir())
-    ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=out)
+    ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=out, planned_from=inputs)
     module = importlib.import_module(f"recipes.{cfg.method}")  # one module per method
     try:
         code = _run(ctx, module, args, argv)

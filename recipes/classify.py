@@ -22,13 +22,14 @@ def build(ctx):
                               Trainer, TrainingArguments)
 
 
-    cfg, plan = ctx.cfg, ctx.plan
+    cfg = ctx.cfg
     section = cfg.section("classify")
     metric = section.get("metric", "f1")
     if metric not in ("accuracy", "f1"):
         raise UserError(f"classify.metric: {metric!r} is not one of accuracy, f1")
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
+    plan = ctx.plan  # fitted to the data by load_inputs
     labels = sorted(set(bundle.train["label"]) | (set(bundle.eval["label"]) if has_eval else set()))
     names = bundle.stats.get("label_names")
     num_labels = int(section.get("num_labels") or (len(names) if names else max(labels) + 1))

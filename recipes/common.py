@@ -77,6 +77,7 @@ def training_kwargs(ctx, **method_defaults) -> dict:
 
 def load_inputs(ctx, kind: str, path: str, padding_side: str = "right"):
     """What every recipe starts from: the tokenizer and the validated data (its counts go to the run summary).
+    Once the rows are counted, the plan is fitted to the longest (ctx.plan may change: read it after this call).
     Returns (tokenizer, bundle, has_eval)."""
     from recipes import builder
     from recipes.data import load_data, padding_share
@@ -85,6 +86,9 @@ def load_inputs(ctx, kind: str, path: str, padding_side: str = "right"):
     bundle = load_data(ctx.cfg.data, kind, tokenizer, seed=ctx.cfg.seed)
     ctx.stats.update(bundle.stats)
     cfg = ctx.cfg
+    if bundle.stats.get("longest") and not cfg.data.packing:  # packing fills rows up to max_length
+        multiple = cfg.training.get("pad_to_multiple_of") or 1
+        ctx.fit_plan_to_rows(-(-bundle.stats["longest"] // multiple) * multiple)
     if kind == "sft" and bundle.train_lengths and not cfg.data.packing and not cfg.training.get("group_by_length"):
         # what packing would save, from the counted lengths (print_start advises it when it is large)
         ctx.stats["padding_share"] = round(padding_share(bundle.train_lengths, ctx.plan.micro_batch_size,
@@ -173,6 +177,8 @@ def print_start(ctx, trainer, resume) -> None:
           f"micro-batch {args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} "
           f"x {args.world_size} rank(s), precision {plan.precision}, "
           f"checkpointing {'on' if args.gradient_checkpointing else 'off'}")
+    for note in ctx.start_notes:
+        print(f"  {note}")
     padding = ctx.stats.get("padding_share") or 0.0
     if padding >= PACKING_ADVICE_SHARE:
         print(f"  data: rows differ in length, so ~{padding:.0%} of the token slots in a micro-batch of "

@@ -172,6 +172,9 @@ def _handle_length(ds, kind, label, tokenizer, max_length, too_long, stats):
     lengths = list(ds[LENGTH_COLUMN])
     over = sum(1 for n in lengths if n > max_length)
     stats["max_tokens"] = max([stats.get("max_tokens", 0)] + lengths)
+    # the longest row as trained: over-long rows are dropped, or cut at max_length
+    kept = [n for n in lengths if n <= max_length] if too_long == "drop" else [min(n, max_length) for n in lengths]
+    stats["longest"] = max([stats.get("longest", 0)] + kept)
     stats["total_tokens"] = stats.get("total_tokens", 0) + sum(lengths)
     if over and too_long == "drop":
         ds = ds.filter(lambda n: n <= max_length, input_columns=LENGTH_COLUMN, desc="Dropping over-long rows")

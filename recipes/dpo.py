@@ -15,10 +15,11 @@ DATA_KIND = "preference"
 def build(ctx):
     from trl import DPOConfig, DPOTrainer
 
-    cfg, plan = ctx.cfg, ctx.plan
+    cfg = ctx.cfg
     section = cfg.section("dpo")
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
+    plan = ctx.plan  # fitted to the data by load_inputs
     method_defaults = dict(max_length=cfg.data.max_length, beta=float(section.get("beta", 0.1)))
     if section.get("loss_type"):
         loss = section["loss_type"]

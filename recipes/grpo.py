@@ -23,7 +23,7 @@ DATA_KIND = "prompts"
 def build(ctx):
     from trl import GRPOConfig, GRPOTrainer
 
-    cfg, plan = ctx.cfg, ctx.plan
+    cfg = ctx.cfg
     section = cfg.section("grpo")
     names = section.get("reward", "arith")
     names = names if isinstance(names, list) else [names]
@@ -32,6 +32,7 @@ def build(ctx):
                         "directory, or a list of them")
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path, padding_side="left")
+    plan = ctx.plan  # fitted to the data by load_inputs
     if bundle.stats.get("truncated"):
         bundle.train = cut_prompts(bundle.train, tokenizer, cfg.data.max_length)
     reward_fns = {n: rewards.resolve(n, tokenizer, "grpo.reward") for n in names}

@@ -133,11 +133,12 @@ def build(ctx):
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.ppo import PPOConfig
 
-    cfg, plan = ctx.cfg, ctx.plan
+    cfg = ctx.cfg
     section = cfg.section("ppo")
     reward_path, value_path = scorer_paths(cfg)  # fail fast on a missing reward model, before any loading
     path = policy_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path, padding_side="left")
+    plan = ctx.plan  # fitted to the data by load_inputs
     if not isinstance(bundle.train[0]["prompt"], str):
         raise UserError("data: PPO takes plain-text prompts; conversational prompts are not supported yet")
     train = tokenize_prompts(bundle.train, tokenizer, cfg.data.max_length)

@@ -15,10 +15,11 @@ def build(ctx):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    cfg, plan = ctx.cfg, ctx.plan
+    cfg = ctx.cfg
     section = cfg.section("rm")
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
+    plan = ctx.plan  # fitted to the data by load_inputs
     method_defaults = dict(max_length=cfg.data.max_length)
     if section.get("center_rewards_coefficient") is not None:
         method_defaults["center_rewards_coefficient"] = float(section["center_rewards_coefficient"])

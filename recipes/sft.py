@@ -12,9 +12,10 @@ DATA_KIND = "sft"
 def build(ctx):
     from trl import SFTConfig, SFTTrainer
 
-    cfg, plan = ctx.cfg, ctx.plan
+    cfg = ctx.cfg
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
+    plan = ctx.plan  # fitted to the data by load_inputs
     args = common.make_args(SFTConfig, common.training_kwargs(
         ctx, max_length=cfg.data.max_length, packing=cfg.data.packing))
     model = builder.load_model(cfg, plan, path)

@@ -2,13 +2,14 @@
 TrainingArguments values HF checks it against."""
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
 
 from launcher.ds_config import deepspeed_config, training_args_overrides
 from launcher.inventory import parse_spec
-from launcher.planner import PlanRequest, plan
+from launcher.planner import PlanRequest, estimate, plan
 from launcher.shapes import resolve_shape
 
 # (model, method, inventory, global batch, pins) -> plans covering every stage, offload, precision and hpZ
@@ -157,3 +158,41 @@ def test_recipe_max_grad_norm_reaches_both_configs(tmp_path):
     assert ds["gradient_clipping"] == kw["max_grad_norm"] == 0.3
     with pytest.raises(UserError, match="training.max_grad_norm"):
         gradient_clipping(load_recipe("lora_tiny", overrides=["training.max_grad_norm=lots"]))
+
+
+@pytest.mark.parametrize("recipe, spec, before, after", [
+    ("qlora_7b", "1xRTX3090-24GB", (0, 4, True), (0, 16, True)),
+    ("sft_7b", "8xA100-40GB", (3, 8, True), (3, 4, False)),
+])
+def test_plan_fitted_to_the_longest_row_keeps_stage_and_config_in_step(recipe, spec, before, after, tmp_path):
+    """A run whose rows are all shorter than data.max_length plans again for the longest (each micro-batch is padded
+    to its own longest row): the freed activation memory goes to a larger micro-batch or no recompute, the stage
+    stays, and the DeepSpeed JSON follows the new plan (keeping this start's one-off resume switch)."""
+    from launcher.config import load_recipe
+    from launcher.recipe_request import request_from_recipe
+    from launcher.train import DistEnv, PlanInputs, RunContext
+
+    cfg = load_recipe(recipe, None, [])
+    request = request_from_recipe(cfg)
+    request.deepspeed = True
+    inventory = parse_spec(spec)
+    first = plan(request, inventory)
+    ds = {**deepspeed_config(first), "checkpoint": {"load_universal": True}}
+    ctx = RunContext(cfg=cfg, plan=first, env=DistEnv(), ds_config=ds, output_dir=tmp_path,
+                     planned_from=PlanInputs(request, inventory))
+    ctx.fit_plan_to_rows(2048)  # as long as data.max_length: nothing to fit
+    assert ctx.plan is first and ctx.ds_config is ds and not ctx.start_notes
+    ctx.fit_plan_to_rows(512)
+    fitted = ctx.plan
+    assert (first.zero_stage, first.micro_batch_size, first.gradient_checkpointing) == before
+    assert (fitted.zero_stage, fitted.micro_batch_size, fitted.gradient_checkpointing) == after
+    assert fitted.seq_len == 512 and fitted.fits and any("longest row is 512 tokens" in r for r in fitted.reasons)
+    # faster than the first plan's choices would run these rows
+    kept = estimate(dataclasses.replace(request, seq_len=512), inventory, request.shape, zero_stage=first.zero_stage,
+                    offload=first.offload, gradient_checkpointing=first.gradient_checkpointing,
+                    micro_batch_size=first.micro_batch_size)
+    assert fitted.predicted_step_seconds < kept["step_seconds"] * 0.99
+    assert ctx.ds_config == {**deepspeed_config(fitted), "checkpoint": {"load_universal": True}}
+    assert ctx.start_notes == [f"planned for rows of at most 512 tokens (the data's longest; data.max_length 2048): "
+                               f"micro-batch {before[1]} -> {after[1]}"
+                               + (", checkpointing on -> off" if before[2] != after[2] else "")]

@@ -34,11 +34,12 @@ def test_tiny_recipe_trains_and_loss_falls(recipe, tmp_path):
     assert list((out).glob("**/events.out.tfevents*")), "tensorboard events are written by default"
 
 
-def test_padding_share_is_what_the_trainer_pads_and_start_lines_advise_packing(tmp_path, capsys):
-    """The padding share computed from the counted row lengths is the share of padding in the trainer's own
-    micro-batches; a large one is reported at the start with the switch that removes it."""
+def test_counted_rows_fit_the_plan_and_give_the_padding_share_the_trainer_pads(tmp_path, capsys):
+    """Once the rows are counted, the plan is made again for the longest and the trainer follows it; the padding
+    share computed from the counts is the share of padding in the trainer's own micro-batches, and a large one is
+    reported at the start with the switch that removes it."""
     from launcher.config import load_recipe
-    from launcher.train import DistEnv, RunContext, make_plan
+    from launcher.train import DistEnv, RunContext, make_plan, plan_inputs
     from recipes import common, sft
 
     rng = random.Random(0)
@@ -48,10 +49,16 @@ def test_padding_share_is_what_the_trainer_pads_and_start_lines_advise_packing(t
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_recipe("lora_tiny", overrides=[f"output_dir={tmp_path / 'out'}", f"data.source={data}",
                                               "plan.micro_batch_size=16", "plan.global_batch_size=16"])
-    ctx = RunContext(cfg=cfg, plan=make_plan(cfg, DistEnv()), env=DistEnv(), ds_config=None, output_dir=tmp_path)
+    inputs = plan_inputs(cfg, DistEnv())
+    ctx = RunContext(cfg=cfg, plan=make_plan(cfg, DistEnv(), inputs), env=DistEnv(), ds_config=None,
+                     output_dir=tmp_path, planned_from=inputs)
     trainer, _ = sft.build(ctx)
+    longest = ctx.stats["longest"]
+    assert longest < cfg.data.max_length and ctx.plan.seq_len == longest
+    assert trainer.args.per_device_train_batch_size == ctx.plan.micro_batch_size == 16
     masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
     measured = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert max(m.shape[1] for m in masks) == longest
     share = ctx.stats["padding_share"]
     assert share > 0.25 and abs(share - measured) < 0.05, (share, measured)  # another shuffle, same expectation
     common.print_start(ctx, trainer, None)
