@@ -86,7 +86,7 @@ class RunContext:
         fitted = plan_memory(request, self.planned_from.inventory)
         if not fitted.fits:  # shorter sequences never need more memory; keep the first plan if they somehow do
             return
-        self.plan, self.planned_from = fitted, replace(self.planned_from, request=request)
+        self.plan = fitted
         if self.ds_config is not None:  # keep this start's one-off resume switch (see _run)
             kept = {k: v for k, v in self.ds_config.items() if k == "checkpoint"}
             self.ds_config = {**deepspeed_config(fitted, gradient_clipping(self.cfg)), **kept}

@@ -184,6 +184,8 @@ def test_plan_fitted_to_the_longest_row_keeps_stage_and_config_in_step(recipe, s
     assert ctx.plan is first and ctx.ds_config is ds and not ctx.start_notes
     ctx.fit_plan_to_rows(512)
     fitted = ctx.plan
+    ctx.fit_plan_to_rows(512)  # again: the same plan (from the same first request), nothing new to say
+    assert ctx.plan == fitted and len(ctx.start_notes) == 1
     assert (first.zero_stage, first.micro_batch_size, first.gradient_checkpointing) == before
     assert (fitted.zero_stage, fitted.micro_batch_size, fitted.gradient_checkpointing) == after
     assert fitted.seq_len == 512 and fitted.fits and any("longest row is 512 tokens" in r for r in fitted.reasons)
