@@ -65,6 +65,17 @@ def explain(ctx: _Context, best: _Result, per_config) -> list[str]:
     return out
 
 
+def changed_choices(before: Plan, after: Plan) -> str:
+    """The choices one plan changed from another, in a start line's words ('' if none did)."""
+    def on_off(on: bool) -> str:
+        return "on" if on else "off"
+
+    return ", ".join(f"{label} {fmt(getattr(before, key))} -> {fmt(getattr(after, key))}"
+                     for key, label, fmt in (("micro_batch_size", "micro-batch", str),
+                                             ("gradient_checkpointing", "checkpointing", on_off))
+                     if getattr(before, key) != getattr(after, key))
+
+
 def rejections(ctx: _Context, best: Optional[_Result], per_config) -> list[dict]:
     out = []
     for config_best, first_miss in per_config:

@@ -73,6 +73,7 @@ class RunContext:
         from dataclasses import replace
 
         from launcher.ds_config import deepspeed_config, gradient_clipping
+        from launcher.plan_explain import changed_choices
         from launcher.planner import plan as plan_memory
 
         cut = self.cfg.data.max_length - longest
@@ -90,21 +91,10 @@ class RunContext:
         if self.ds_config is not None:  # keep this start's one-off resume switch (see _run)
             kept = {k: v for k, v in self.ds_config.items() if k == "checkpoint"}
             self.ds_config = {**deepspeed_config(fitted, gradient_clipping(self.cfg)), **kept}
-        changes = _plan_changes(first, fitted)
+        changes = changed_choices(first, fitted)
         if changes:  # otherwise only the plan's reasons (manifest, summary) mention the shorter rows
             self.start_notes.append(f"planned for rows of at most {longest} tokens (the data's longest; "
                                     f"data.max_length {self.cfg.data.max_length}): {changes}")
-
-
-def _plan_changes(before, after) -> str:
-    """What fitting the plan to shorter rows changed, in the start line's words ('' if no choice changed)."""
-    def on_off(on):
-        return "on" if on else "off"
-
-    return ", ".join(f"{label} {fmt(getattr(before, key))} -> {fmt(getattr(after, key))}"
-                     for key, label, fmt in (("micro_batch_size", "micro-batch", str),
-                                             ("gradient_checkpointing", "checkpointing", on_off))
-                     if getattr(before, key) != getattr(after, key))
 
 
 def parse_args(argv: list[str]):
