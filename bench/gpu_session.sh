@@ -20,6 +20,8 @@
 #   mem_7b_lora    memory_accuracy rows 8-10 (7B LoRA, bf16 base)
 #   sweep_7b       plan_sweep, llama-2-7b QLoRA, micro 1,4,16: chosen plan vs the sweep's best (>= 95 %, 0 OOM)
 #   sweep          plan_sweep, qwen2.5-1.5b LoRA seq 2048
+#   liger          qlora_7b with this GPU's plan, Liger kernels off and on: tokens/s, per-step losses (needs the
+#                  liger-kernel wheel in .whl, see bench/README.md; skipped without it)
 set -u
 budget=${1:-540}
 start=$SECONDS
@@ -31,7 +33,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:$PWD || { echo "installing .whl failed"; exit 1; }
 fi
 export FTLAUNCH_BENCH_CACHE=${FTLAUNCH_BENCH_CACHE:-/tmp/bench-models} HF_HUB_OFFLINE=1
-STEPS=${STEPS:-"qlora_24gb qlora_speed mem_7b_qlora mem_small mem_7b_lora sweep_7b sweep"}
+STEPS=${STEPS:-"qlora_24gb qlora_speed mem_7b_qlora mem_small mem_7b_lora sweep_7b sweep liger"}
 MIN_STEP_S=${MIN_STEP_S:-60}  # a step needs at least this long to produce a figure
 
 # step arguments: the GPU's, or (TINY=1) the --tiny code-path check's, whose configuration lists are shorter
@@ -45,6 +47,7 @@ args_for() {
       mem_7b_lora) echo "bench/memory_accuracy.py --tiny --only 3" ;;
       sweep_7b) echo "bench/plan_sweep.py --tiny --micro 1,8" ;;
       sweep) echo "bench/plan_sweep.py --tiny" ;;
+      liger) echo "bench/qlora_7b.py --tiny --only liger" ;;
       *) return 1 ;;
     esac
   else
@@ -56,6 +59,7 @@ args_for() {
       mem_7b_lora) echo "bench/memory_accuracy.py --only 8,9,10" ;;
       sweep_7b) echo "bench/plan_sweep.py --card llama-2-7b --method qlora --micro 1,4,16" ;;
       sweep) echo "bench/plan_sweep.py" ;;
+      liger) echo "bench/qlora_7b.py --only ftlaunch,liger" ;;
       *) return 1 ;;
     esac
   fi

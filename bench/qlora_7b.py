@@ -8,6 +8,10 @@ Rows (each a fresh process, same GPU, same run):
   * ftlaunch, plan for 1xRTX3090-24GB, run with the process capped at 24 GiB (set_per_process_memory_fraction)
   * baseline: plain TRL SFTTrainer + PEFT LoraConfig, TRL's defaults (micro-batch 8, gradient checkpointing on,
     adamw_torch_fused), same model dir, data, LoRA settings, seq and global batch
+  * liger (only when asked: --only ftlaunch,liger): the first row with `training.use_liger_kernel=true`, same seed
+    and data, so its tokens/s and per-step losses compare with the first row's (the planner charges whole logits
+    under Liger, so its plan could differ; on an 80 GB card it does not, and the table shows micro-batch and
+    checkpointing); skipped where liger-kernel is not installed (it needs triton and a GPU)
 Figures: peak torch.cuda.max_memory_allocated / max_memory_reserved over the whole process (goal <= 20 GiB for the
 24 GB plan), tokens/s (median optimizer step after warm-up), MFU, and ftlaunch/baseline tokens/s (goal >= 1.5x).
 
@@ -20,6 +24,7 @@ the detected GPU; CPU: the planner's 0.2 TFLOP/s guess, meaningless, printed for
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -101,6 +106,8 @@ def build_ftlaunch(opts, out_dir):
     training = dict(common.BENCH_TRAINING, max_steps=opts.steps)
     if opts.optim:
         training["optim"] = opts.optim
+    if opts.liger:
+        training["use_liger_kernel"] = True
     trainer, plan, _, _ = common.ftlaunch_trainer(RECIPE, overrides, inventory, out_dir, training)
     if trainer is None:
         raise RuntimeError(f"plan does not fit: {plan.reason}")
@@ -154,6 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--optim", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--liger", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     opts.seq = opts.seq or (64 if opts.tiny else 2048)
     opts.steps = opts.steps or (3 if opts.tiny else 6)
@@ -188,11 +196,17 @@ def main(argv=None) -> int:
                     ["--worker", "ftlaunch", "--inventory", "1xRTX3090-24GB", *optim,
                      *(["--cap-gib", "24"] if gpu else [])]),
         "baseline": ("baseline: TRL+PEFT defaults", ["--worker", "baseline"]),
+        "liger": ("ftlaunch: plan for this device + Liger", ["--worker", "ftlaunch", "--inventory", "detect", "--liger",
+                                                             *optim]),
     }
     rows = []
     for key in [k.strip() for k in opts.only.split(",") if k.strip()]:
         label, extra = rows_spec[key]
         print(f"   running {label} ...", flush=True)
+        if key == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            rows.append({"label": label, "key": key, "skipped": "liger-kernel is not installed (needs triton, a GPU)"})
+            print(f"   skipped: {rows[-1]['skipped']}")
+            continue
         r = common.run_worker(base + extra, timeout=3000)
         r["label"], r["key"] = label, key
         common.print_row(r)
@@ -215,7 +229,7 @@ def main(argv=None) -> int:
         ("s/step", "seconds_per_step"), ("tokens/s", lambda r: None if not r.get("tokens_per_s") else
                                          f"{r['tokens_per_s']:.0f}"),
         ("MFU", lambda r: None if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"),
-        ("error", lambda r: (r.get("error") or "")[:120] or None)])
+        ("error / skipped", lambda r: (r.get("error") or r.get("skipped") or "")[:120] or None)])
     by = {r["key"]: r for r in rows}
     ok = True
     if by.get("ftlaunch", {}).get("tokens_per_s") and by.get("baseline", {}).get("tokens_per_s"):
@@ -224,6 +238,12 @@ def main(argv=None) -> int:
               + ("" if gpu else "  [CPU tiny: code path only, not the goal]"))
         if gpu:
             ok &= speedup >= GOAL_SPEEDUP
+    liger, plain = by.get("liger", {}), by.get("ftlaunch", {})
+    if liger.get("tokens_per_s") and plain.get("tokens_per_s"):
+        steps = list(zip(plain.get("losses") or [], liger.get("losses") or []))
+        worst = max((abs(a - b) for a, b in steps), default=float("nan"))
+        print(f"   FIGURE Liger/plain tokens/s: x{liger['tokens_per_s'] / plain['tokens_per_s']:.2f}; "
+              f"max per-step |loss difference| {worst:.2e} over {len(steps)} steps (same seed and data)")
     small = by.get("rtx3090", {})
     if small.get(mem_key):
         print(f"   FIGURE peak of the 24 GB plan: {small[mem_key] / common.GiB:.2f} GiB "
