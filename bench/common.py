@@ -175,7 +175,7 @@ def random_model_dir(shape, max_positions: int = 4096, dtype: str = "bfloat16", 
     `scorer`: a sequence classifier with one output instead (a reward model's layout, for PPO).
 
     Built on the GPU when there is one (seconds for 7B), in `dtype`; loading it back with a BitsAndBytesConfig
-    quantises to NF4 on load, the path a real QLoRA run takes. The tiny tokenizer's 520 ids are all < vocab, so
+    quantises to NF4 on load, the path a real QLoRA run takes. The tiny tokenizer's 512 ids are all < vocab, so
     any text tokenises to valid ids; its digits are one token each, which makes token counts exact.
     """
     import torch

