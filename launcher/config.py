@@ -83,7 +83,7 @@ class PlanSection:
 
 @dataclass
 class EvalSection:
-    num_examples: int = 64  # held-out prompts scored before/after training
+    num_examples: int = 64  # held-out rows scored before/after training (the first n); 0 = no evaluation
     max_new_tokens: int = 8
     samples: int = 3  # generations printed in the summary
 
@@ -283,6 +283,8 @@ def _check_ranges(cfg: RecipeConfig) -> None:
     need(cfg.data.max_length >= 8, f"data.max_length: must be at least 8, got {cfg.data.max_length}")
     need(0 <= cfg.data.eval_ratio < 1, f"data.eval_ratio: must be in [0, 1), got {cfg.data.eval_ratio}")
     need(cfg.data.num_examples > 0, f"data.num_examples: must be positive, got {cfg.data.num_examples}")
+    need(cfg.eval.num_examples >= 0,
+         f"eval.num_examples: must be 0 (no before/after evaluation) or positive, got {cfg.eval.num_examples}")
     need(cfg.plan.global_batch_size > 0,
          f"plan.global_batch_size: must be positive, got {cfg.plan.global_batch_size}")
     need(0.1 <= cfg.plan.memory_fraction <= 1.0,

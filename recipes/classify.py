@@ -184,7 +184,7 @@ def classification_evaluator(ctx, rows, base_path: str, tokenizer, num_labels: i
     """Accuracy / macro-F1 of freshly loaded models on the eval split (rank 0 only, so no trainer collectives):
     before = the starting model with its new head, after = the saved output (the restored best checkpoint)."""
     cfg, plan = ctx.cfg, ctx.plan
-    rows = rows[: max(cfg.eval.num_examples, 0)] if cfg.eval.num_examples else rows
+    rows = rows[: cfg.eval.num_examples]
     if not rows:
         return None
 

@@ -166,7 +166,7 @@ def reward_evaluator(ctx, rows: list[dict], model_loader, reward_fns: dict, scor
     from recipes.common import generate
 
     cfg = ctx.cfg
-    rows = [r for r in rows if isinstance(r.get("prompt"), str)][: max(cfg.eval.num_examples, 0)]
+    rows = [r for r in rows if isinstance(r.get("prompt"), str)][: cfg.eval.num_examples]
     if not rows:
         return None
 

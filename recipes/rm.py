@@ -39,7 +39,7 @@ def pairwise_evaluator(ctx, rows: list[dict], base_path: str, tokenizer):
     """Held-out pairwise accuracy of the reward model: before (base + fresh head, seeded) and after (saved output)."""
     cfg, plan = ctx.cfg, ctx.plan
     rows = [r for r in rows if isinstance(r.get("chosen"), str) and isinstance(r.get("rejected"), str)]
-    rows = rows[: max(cfg.eval.num_examples, 0)]
+    rows = rows[: cfg.eval.num_examples]
     if not rows:
         return None
     for r in rows:

@@ -95,6 +95,7 @@ BAD_RUNS = [
     ("wrong_type_seed", "lora_tiny", ["seed=abc"], None, ["seed: expected an integer"]),
     ("range_max_length", "lora_tiny", ["data.max_length=4"], None, ["data.max_length: must be at least 8"]),
     ("range_num_examples", "lora_tiny", ["data.num_examples=0"], None, ["data.num_examples: must be positive"]),
+    ("range_eval_examples", "cls_tiny", ["eval.num_examples=-5"], None, ["eval.num_examples: must be 0"]),
     ("range_max_steps", "lora_tiny", ["training.max_steps=0"], None, ["training.max_steps: must be a positive"]),
     ("unknown_training_key", "lora_tiny", ["training.learning_rat=1e-3"], None,
      ["training.learning_rat", "did you mean 'training.learning_rate'"]),
