@@ -2,7 +2,8 @@
 
 Plain data, no torch: `ftlaunch plan` must answer in well under a second. Everything here is pure except the
 `probe_*` functions, which read NVML, /proc and /dev/shm and fail soft (a machine with no GPU is valid: CPU ranks).
-Memory sizes in specs are GiB, the way vendors label cards (an "A100-80GB" reports 81920 MiB through NVML).
+A spec's memory is the size a card is sold as ("H100-80GB"); a known card is planned with what it reports through
+NVML (an H100 80GB reports 81559 MiB, 79.6 GiB; a T4 16GB 15360 MiB), so a what-if plans as the live card would.
 """
 from __future__ import annotations
 
@@ -22,31 +23,32 @@ DEFAULT_HOSTFILE = "/job/hostfile"  # where the deepspeed launcher looks when gi
 class GpuModel:
     """Catalogue entry: what a planner needs to know about a GPU kind it may never have seen."""
 
-    memory_gib: tuple  # sizes sold; the first is the default when a spec gives no -MEM
+    memory: tuple  # (size sold in GB, MiB it reports through NVML or None if unchecked); the first is the default
     compute_capability: tuple  # bf16 needs >= (8, 0)
     tflops16: float  # dense bf16/fp16 tensor-core peak, for the cost model only
     intra_node_gbps: float  # effective GPU<->GPU bandwidth inside a node (NVLink or PCIe), GB/s
     inter_node_gbps: float  # effective per-GPU network bandwidth between nodes, GB/s
 
 
-# Published specs, rounded. PCIe cards get ~12 GB/s peer bandwidth; SXM parts their NVLink bus bandwidth.
+# Published specs, rounded. PCIe cards get ~12 GB/s peer bandwidth; SXM parts their NVLink bus bandwidth. The MiB
+# are nvidia-smi's memory.total as users post it (L40 assumed equal to the L40S and A40, which share its memory).
 GPU_CATALOGUE: dict[str, GpuModel] = {
-    "T4": GpuModel((16,), (7, 5), 65, 12, 6),
-    "V100": GpuModel((32, 16), (7, 0), 125, 130, 12),
-    "RTX3090": GpuModel((24,), (8, 6), 71, 12, 6),
-    "RTX4090": GpuModel((24,), (8, 9), 165, 12, 6),
-    "A10": GpuModel((24,), (8, 6), 125, 12, 6),
-    "A10G": GpuModel((24,), (8, 6), 70, 12, 6),
-    "L4": GpuModel((24,), (8, 9), 121, 12, 6),
-    "A6000": GpuModel((48,), (8, 6), 155, 12, 6),
-    "A40": GpuModel((48,), (8, 6), 150, 12, 6),
-    "L40": GpuModel((48,), (8, 9), 181, 12, 12),
-    "L40S": GpuModel((48,), (8, 9), 362, 12, 12),
-    "A100": GpuModel((80, 40), (8, 0), 312, 230, 25),
-    "H100": GpuModel((80,), (9, 0), 989, 360, 50),
-    "H200": GpuModel((141,), (9, 0), 989, 360, 50),
-    "B200": GpuModel((180,), (10, 0), 2250, 720, 50),
-    "MI300X": GpuModel((192,), (9, 4), 1307, 300, 50),  # ROCm; capability only gates bf16 here
+    "T4": GpuModel(((16, 15360),), (7, 5), 65, 12, 6),
+    "V100": GpuModel(((32, 32510), (16, 16160)), (7, 0), 125, 130, 12),
+    "RTX3090": GpuModel(((24, 24576),), (8, 6), 71, 12, 6),
+    "RTX4090": GpuModel(((24, 24564),), (8, 9), 165, 12, 6),
+    "A10": GpuModel(((24, 23028),), (8, 6), 125, 12, 6),
+    "A10G": GpuModel(((24, 23028),), (8, 6), 70, 12, 6),
+    "L4": GpuModel(((24, 23034),), (8, 9), 121, 12, 6),
+    "A6000": GpuModel(((48, 49140),), (8, 6), 155, 12, 6),
+    "A40": GpuModel(((48, 46068),), (8, 6), 150, 12, 6),
+    "L40": GpuModel(((48, 46068),), (8, 9), 181, 12, 12),
+    "L40S": GpuModel(((48, 46068),), (8, 9), 362, 12, 12),
+    "A100": GpuModel(((80, 81920), (40, 40960)), (8, 0), 312, 230, 25),
+    "H100": GpuModel(((80, 81559),), (9, 0), 989, 360, 50),
+    "H200": GpuModel(((141, 143771),), (9, 0), 989, 360, 50),
+    "B200": GpuModel(((180, 183359),), (10, 0), 2250, 720, 50),
+    "MI300X": GpuModel(((192, None),), (9, 4), 1307, 300, 50),  # ROCm; capability only gates bf16 here
 }
 # Unknown names given with a size: assume a recent datacenter card (bf16-capable), and say so in the plan.
 UNKNOWN_GPU = GpuModel((), (8, 0), 100, 12, 12)
@@ -116,7 +118,7 @@ class Inventory:
         if self.gpu is None:
             what = f"{self.ranks_per_node} CPU rank(s)"
         else:
-            what = f"{self.ranks_per_node}x {self.gpu.name} ({self.gpu.total_bytes / GiB:.0f} GiB, " \
+            what = f"{self.ranks_per_node}x {self.gpu.name} ({self.gpu.total_bytes / GiB:.3g} GiB, " \
                    f"cc {self.gpu.compute_capability[0]}.{self.gpu.compute_capability[1]})"
         return f"{self.nodes} node(s) x {what} [{self.source}]"
 
@@ -126,7 +128,8 @@ class Inventory:
         return out
 
 
-# ---------------------------------------------------------------- pure parsers
+# ---------------------------------------------------------------- parsers (pure, except that a `cpu` spec given no
+# host RAM reads this host's)
 
 # [NODES x] GPUS x NAME [-MEM[GB]]; the name is lazy so a trailing "-80GB" is never swallowed into it.
 _SPEC = re.compile(r"^(?:(\d+)\s*[x*]\s*)?(?:(\d+)\s*[x*]\s*)?([a-z][a-z0-9]*?)"
@@ -161,11 +164,16 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
     if mem is None:
         if model is None:
             raise UserError(f"inventory spec '{spec}': unknown GPU '{name}', give its memory, e.g. {gpus}x{name}-48GB")
-        mem_gib = model.memory_gib[0]
+        mem_gib = model.memory[0][0]
     else:
         mem_gib = float(mem)
         if mem_gib <= 0:
             raise bad
+    total = int(mem_gib * GiB)
+    reported = dict(model.memory).get(mem_gib) if model else None
+    if reported:
+        total = reported * 2 ** 20
+        notes.append(f"{key} {mem_gib:g}GB reports {reported} MiB ({total / GiB:.1f} GiB) through NVML: planned with that")
     if model is None:
         model = UNKNOWN_GPU
         import difflib
@@ -174,7 +182,7 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
         hint = f" (did you mean {close[0]}?)" if close else ""
         notes.append(f"GPU '{name}' is not in the catalogue{hint}: assumed bf16-capable, "
                      f"{model.tflops16:.0f} TFLOPS")
-    gpu = GpuInfo(key if key in GPU_CATALOGUE else name, int(mem_gib * GiB), None, model.compute_capability)
+    gpu = GpuInfo(key if key in GPU_CATALOGUE else name, total, None, model.compute_capability)
     # A what-if has no host to probe; size it like a typical server (2x its GPU memory, at least 64 GiB).
     ram = host_ram_bytes if host_ram_bytes is not None else max(64 * GiB, 2 * gpus * gpu.total_bytes)
     notes.append(f"host RAM per node assumed {ram / GiB:.0f} GiB (what-if spec)")

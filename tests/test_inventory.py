@@ -11,24 +11,26 @@ from launcher.errors import UserError
 from launcher.inventory import GiB, detect_inventory, expand_nodelist, parse_hostfile, parse_spec
 
 
-@pytest.mark.parametrize("spec,nodes,gpus,name,mem_gib,cc", [
-    ("1xRTX3090-24GB", 1, 1, "RTX3090", 24, (8, 6)),
-    ("8xA100-40GB", 1, 8, "A100", 40, (8, 0)),
-    ("4x8xH100-80GB", 4, 8, "H100", 80, (9, 0)),
-    ("2xA100", 1, 2, "A100", 80, (8, 0)),  # memory optional for well-known names: A100 defaults to 80
-    ("1xrtx4090", 1, 1, "RTX4090", 24, (8, 9)),
-    ("1xH200", 1, 1, "H200", 141, (9, 0)),
-    ("8xV100-16GB", 1, 8, "V100", 16, (7, 0)),
-    ("1xT4", 1, 1, "T4", 16, (7, 5)),
-    ("2xL40S", 1, 2, "L40S", 48, (8, 9)),
-    ("1xA6000", 1, 1, "A6000", 48, (8, 6)),
-    ("2X4XL4-24gb", 2, 4, "L4", 24, (8, 9)),
-    ("1xMI300X-192GB", 1, 1, "MI300X", 192, (9, 4)),
+@pytest.mark.parametrize("spec,nodes,gpus,name,mem_mib,cc", [  # MiB: what the card reports (nvidia-smi)
+    ("1xRTX3090-24GB", 1, 1, "RTX3090", 24576, (8, 6)),
+    ("8xA100-40GB", 1, 8, "A100", 40960, (8, 0)),
+    ("4x8xH100-80GB", 4, 8, "H100", 81559, (9, 0)),
+    ("2xA100", 1, 2, "A100", 81920, (8, 0)),  # memory optional for well-known names: A100 defaults to 80
+    ("1xrtx4090", 1, 1, "RTX4090", 24564, (8, 9)),
+    ("1xH200", 1, 1, "H200", 143771, (9, 0)),
+    ("8xV100-16GB", 1, 8, "V100", 16160, (7, 0)),
+    ("1xT4", 1, 1, "T4", 15360, (7, 5)),
+    ("2xL40S", 1, 2, "L40S", 46068, (8, 9)),
+    ("1xA6000", 1, 1, "A6000", 49140, (8, 6)),
+    ("2X4XL4-24gb", 2, 4, "L4", 23034, (8, 9)),
+    ("1xMI300X-192GB", 1, 1, "MI300X", 192 * 1024, (9, 4)),  # no reported size on file: the label, as GiB
+    ("1xH100-94GB", 1, 1, "H100", 94 * 1024, (9, 0)),  # a size the catalogue does not sell: as given, in GiB
 ])
-def test_parse_spec(spec, nodes, gpus, name, mem_gib, cc):
+def test_parse_spec(spec, nodes, gpus, name, mem_mib, cc):
+    """A what-if plans with the memory the live card would report, not the GB it is sold as."""
     result = parse_spec(spec)
     assert (result.nodes, result.ranks_per_node, result.gpu.name) == (nodes, gpus, name)
-    assert result.gpu.total_bytes == mem_gib * GiB
+    assert result.gpu.total_bytes == mem_mib * 2 ** 20
     assert tuple(result.gpu.compute_capability) == cc
     assert result.device == "cuda" and result.world_size == nodes * gpus and result.source == "spec"
     assert result.host_ram_bytes >= 64 * GiB and result.host_ram_assumed
