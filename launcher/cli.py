@@ -5,7 +5,7 @@ import importlib
 import os
 import sys
 
-from launcher.errors import PlanDoesNotFit, PreflightError, UserError
+from launcher.errors import ArgParser, PlanDoesNotFit, PreflightError, UserError
 
 USAGE = """usage: ftlaunch COMMAND [options]
 
@@ -36,13 +36,11 @@ COMMANDS = {
 
 
 def cmd_recipes(argv: list[str]) -> int:
-    import argparse
-
     import yaml
 
     from launcher.config import available_recipes
 
-    argparse.ArgumentParser(prog="ftlaunch recipes", description="list the shipped recipes").parse_args(argv)
+    ArgParser(prog="ftlaunch recipes", description="list the shipped recipes").parse_args(argv)
     rows = []
     for name, path in available_recipes().items():
         data = yaml.safe_load(path.read_text()) or {}

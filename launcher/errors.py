@@ -1,6 +1,7 @@
 """Errors that map to the exit codes of the shared contract (DESIGN.md), and the exit codes a run ends with.
 
 No imports beyond the standard library: `ftlaunch slurm`, `runs` and `plan` read these without loading torch."""
+import argparse
 
 # What a process killed by SIGTERM reports (128 + 15). The sbatch scripts (launcher/slurm.py) requeue on it; the
 # runner returns it after a preemption checkpoint.
@@ -34,3 +35,11 @@ class PreflightError(RuntimeError):
 
     exit_code = 1
     label = "pre-flight check failed"
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as a UserError (one line, exit 2) instead of printing its usage block;
+    `--help` still prints the whole usage."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")

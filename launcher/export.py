@@ -8,12 +8,11 @@ not offered: re-quantising would round the adapter's update away.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
-from launcher.errors import UserError
+from launcher.errors import ArgParser, UserError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 BASES = ("dequantized", "original")
@@ -34,7 +33,7 @@ def merge_adapter(run_dir: Path, out_dir: Path, dtype: str = "fp32", base: str =
 
 
 def cmd_export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ftlaunch export", description=__doc__.splitlines()[0])
+    parser = ArgParser(prog="ftlaunch export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into its base (required for now)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

@@ -26,7 +26,6 @@ Command-line overrides: `key=value` applies to every stage, `STAGE:key=value` to
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -35,7 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.errors import UserError
+from launcher.errors import ArgParser, UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_SCRIPT = REPO_ROOT / "launcher" / "run.py"
@@ -44,7 +43,7 @@ REFERENCE = re.compile(r"\{([A-Za-z][A-Za-z0-9_-]*)\}")
 
 
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="ftlaunch pipeline",
+    parser = ArgParser(prog="ftlaunch pipeline",
                                      description="Run a chained recipe (each stage consumes the previous outputs).")
     parser.add_argument("recipe", nargs="?", help="a shipped pipeline recipe, e.g. rlhf_tiny")
     parser.add_argument("--config", help="a pipeline recipe YAML file of your own")

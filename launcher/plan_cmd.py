@@ -5,12 +5,12 @@ import argparse
 import json
 import sys
 
-from launcher.errors import PlanDoesNotFit, UserError
+from launcher.errors import ArgParser, PlanDoesNotFit, UserError
 from launcher.memory import GiB, fmt_bytes
 
 
-def _plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ftlaunch plan", description=(
+def _plan_parser() -> ArgParser:
+    p = ArgParser(prog="ftlaunch plan", description=(
         "Show the memory plan (ZeRO stage, offload, micro-batch, checkpointing) and DeepSpeed config a recipe gets. "
         "Exit 3 when nothing fits."))
     p.add_argument("--recipe", help="a shipped recipe name (see `ftlaunch recipes`)")
@@ -158,7 +158,7 @@ def render_plan(plan) -> str:
 
 
 def cmd_inventory(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ftlaunch inventory",
+    parser = ArgParser(prog="ftlaunch inventory",
                                      description="Show the GPUs, nodes and host resources ftlaunch sees.")
     parser.add_argument("--inventory", help="a what-if spec to parse instead, e.g. 4x8xH100-80GB")
     parser.add_argument("--json", action="store_true")

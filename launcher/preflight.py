@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Mapping, Optional
 
-from launcher.errors import PreflightError, UserError
+from launcher.errors import ArgParser, PreflightError, UserError
 from launcher.inventory import _local_world_size
 
 GiB = 1024 ** 3
@@ -293,7 +293,7 @@ def _model_load_bytes(recipe: Optional[str], config: Optional[str], overrides: l
 
 
 def cmd_check(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="ftlaunch check", description=(
+    p = ArgParser(prog="ftlaunch check", description=(
         "Pre-flight checks: all-reduce across every rank with a timeout (under srun/torchrun/deepspeed), "
         "/dev/shm size, host RAM against ranks-per-node x model size loaded at once."))
     p.add_argument("--recipe", help="size the RAM check for this recipe's model")
@@ -303,10 +303,7 @@ def cmd_check(argv: list[str]) -> int:
                                                       "(default: the launcher's local world size, else GPUs seen)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:
-        return 0 if e.code == 0 else 2
+    args = p.parse_args(argv)
     if args.timeout <= 0:
         raise UserError("--timeout must be positive")
     per_node = args.ranks_per_node

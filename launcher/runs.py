@@ -1,12 +1,12 @@
 """`ftlaunch runs [DIR]`: past runs under DIR (default runs/) from their manifest.json files."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from launcher.checkpoints import newest_complete_checkpoint
+from launcher.errors import ArgParser
 
 
 def find_runs(root: Path) -> list[dict]:
@@ -33,7 +33,7 @@ def find_runs(root: Path) -> list[dict]:
 
 
 def cmd_runs(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ftlaunch runs", description=__doc__.splitlines()[0])
+    parser = ArgParser(prog="ftlaunch runs", description=__doc__.splitlines()[0])
     parser.add_argument("dir", nargs="?", default="runs")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
-from launcher.errors import PREEMPTED_EXIT_CODE, UserError
+from launcher.errors import PREEMPTED_EXIT_CODE, ArgParser, UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = "slurm/%x-%j.out"
@@ -265,8 +265,8 @@ def _cli_args(recipe, config, nodes, gpus, time, partition, output) -> list[str]
     return args
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> ArgParser:
+    p = ArgParser(
         prog="ftlaunch slurm", description="Render an sbatch script for a recipe (print it, write it, or submit it).",
         epilog="Recipe overrides go after `--`, e.g. `-- training.max_steps=100 output_dir=runs/x`.")
     p.add_argument("--recipe", help="a shipped recipe (see `ftlaunch recipes`)")
@@ -301,10 +301,7 @@ def cmd_slurm(argv: list[str]) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed the message
-        return 0 if e.code == 0 else 2
+    args = parser.parse_args(argv)
     overrides = [*args.overrides, *extra]
     script = render_sbatch(
         args.recipe, args.nodes, args.gpus_per_node, args.time, args.partition, overrides, config=args.config,

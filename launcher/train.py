@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import load_recipe, to_yaml_dict
-from launcher.errors import PlanDoesNotFit, UserError
+from launcher.errors import ArgParser, PlanDoesNotFit, UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = Path(os.environ.get("FTLAUNCH_DS_CONFIG_DIR", REPO_ROOT / "ds_configs"))
@@ -98,7 +98,7 @@ class RunContext:
 
 
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="ftlaunch run", description="Plan and run a fine-tuning recipe.")
+    parser = ArgParser(prog="ftlaunch run", description="Plan and run a fine-tuning recipe.")
     parser.add_argument("--recipe", help="a shipped recipe name (see `ftlaunch recipes`)")
     parser.add_argument("--config", help="a recipe YAML file of your own")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

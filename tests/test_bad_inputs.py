@@ -178,6 +178,19 @@ def test_plan_impossible_inventory(capsys):
     assert err.count("\n") == 1 and "inventory spec '3xfoo'" in err and "foo" in err, err
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["plan", "--zero-stage", "5"], "argument --zero-stage: invalid choice"),
+    (["run", "--recipe", "lora_tiny", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["check", "--timeout", "soon"], "argument --timeout: invalid float value: 'soon'"),
+    (["export"], "the following arguments are required: run_dir"),
+    (["runs", "--nope"], "unrecognized arguments: --nope"),
+], ids=["plan", "run", "check", "export", "runs"])
+def test_bad_arguments_are_one_line_not_a_usage_block(argv, expected, tmp_path, capsys):
+    """argparse's own errors follow the contract too: one line naming the argument and pointing at --help."""
+    code = run_inprocess(*argv)
+    assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", expected, f"ftlaunch {argv[0]} --help")
+
+
 def test_existing_output_dir_is_left_alone_on_bad_input(tmp_path, capsys):
     """A bad override against an existing run directory must not delete or touch it."""
     out = tmp_path / "out"
