@@ -259,17 +259,11 @@ def at_start(plan, rank: int, local_rank: int, world_size: int, ranks_per_node: 
     the first rank of each node: /dev/shm (NCCL) and host RAM against every local rank loading its share of the
     weights at once. (CPU ranks hold the whole run in host RAM, which the planner has already checked.) Warnings
     are printed; errors raise PreflightError, before anything is loaded."""
-    from launcher import memory as mem
-
     report = PreflightReport(rank=rank, world_size=world_size)
     if world_size > 1:
         check_allreduce(timeout_s, report=report)
     if local_rank == 0 and plan.device == "cuda":
-        # every model the recipe holds (PPO: four), each by its own storage: the planner's own sum
-        models = list(plan.models.values()) or [dict(plan.model, quantized=plan.method == "qlora")]
-        load = sum(mem.load_bytes_per_rank(m.get("params", 0), plan.zero_stage, m.get("quantized", False))
-                   for m in models)
-        check_host(ranks_per_node, int(load), report, probe=probe)
+        check_host(ranks_per_node, plan_load_bytes(plan), report, probe=probe)
     for warning in report.warnings:
         print(f"ftlaunch: warning: {warning}", file=sys.stderr, flush=True)
     if report.errors:
@@ -277,19 +271,27 @@ def at_start(plan, rank: int, local_rank: int, world_size: int, ranks_per_node: 
     return report
 
 
+def plan_load_bytes(plan) -> int:
+    """Host RAM one rank needs while its models load, by the planner's rule (launcher/memory.py): every model the
+    recipe holds (PPO: four), each by its own storage, at the plan's ZeRO stage."""
+    from launcher import memory as mem
+
+    models = list(plan.models.values()) or [dict(plan.model, quantized=plan.method == "qlora")]
+    return int(sum(mem.load_bytes_per_rank(m.get("params", 0), plan.zero_stage, m.get("quantized", False))
+                   for m in models))
+
+
 def _model_load_bytes(recipe: Optional[str], config: Optional[str], overrides: list[str]) -> Optional[int]:
-    """Bytes of host RAM one rank needs while loading a recipe's model (from its shape, no download), by the
-    planner's rule (launcher/memory.py); None without a recipe."""
+    """Bytes of host RAM one rank needs while loading a recipe's models: the plan a run here would make (its shapes,
+    no download), so the same number the run's own start-up check uses; None without a recipe."""
     if not (recipe or config):
         return None
-    from launcher import memory as mem
     from launcher.config import load_recipe
-    from launcher.shapes import resolve_shape
+    from launcher.planner import plan as plan_memory
+    from launcher.train import DistEnv, plan_inputs
 
-    cfg = load_recipe(recipe, config, overrides)
-    shape = resolve_shape(cfg.model.name, cfg.model.tiny)
-    quantized = cfg.method == "qlora" or cfg.quant.load_in_4bit
-    return int(mem.load_bytes_per_rank(shape.num_params, cfg.plan.zero_stage or 0, quantized))
+    inputs = plan_inputs(load_recipe(recipe, config, overrides), DistEnv.from_env())
+    return plan_load_bytes(plan_memory(inputs.request, inputs.inventory))
 
 
 def cmd_check(argv: list[str]) -> int:

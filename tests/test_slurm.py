@@ -360,6 +360,23 @@ def test_check_command_single_process(capsys):
         cmd_check(["--timeout", "0"])
 
 
+def test_check_command_sizes_the_load_like_the_run():
+    """`ftlaunch check --recipe` sizes host RAM from the plan a run here would make, as the run's own start-up
+    check does: PPO loads four models (policy, reference, reward, value), not the policy alone."""
+    from launcher import memory as mem
+    from launcher.config import load_recipe
+    from launcher.planner import plan
+    from launcher.preflight import _model_load_bytes, plan_load_bytes
+    from launcher.shapes import resolve_shape
+    from launcher.train import DistEnv, plan_inputs
+
+    inputs = plan_inputs(load_recipe("ppo_tiny", None, []), DistEnv())
+    run_plan = plan(inputs.request, inputs.inventory)
+    assert _model_load_bytes("ppo_tiny", None, []) == plan_load_bytes(run_plan)
+    policy_only = mem.load_bytes_per_rank(resolve_shape("tiny").num_params, run_plan.zero_stage, False)
+    assert len(run_plan.models) >= 3 and plan_load_bytes(run_plan) > 2 * policy_only
+
+
 @pytest.mark.slurm
 def test_check_across_two_nodes_with_srun(cluster, cpu_env):
     import sys
