@@ -323,9 +323,10 @@ def host_bytes_per_node(*, ranks_per_node: int, offloaded_per_rank: float, load_
     return ranks_per_node * HOST_PROCESS_BYTES + max(offloaded, load_per_rank * ranks_per_node)
 
 
-def load_bytes_per_rank(params: int, zero_stage: int, quantized: bool) -> float:
-    """Host bytes while from_pretrained runs: whole 16-bit model per rank, or one shard (zero.Init / QLoRA)."""
-    full = 2.0 * params
+def load_bytes_per_rank(params: int, zero_stage: int, quantized: bool, bytes_per_param: int = 2) -> float:
+    """Host bytes while from_pretrained runs: the whole model in its load dtype per rank, or one shard (zero.Init /
+    QLoRA)."""
+    full = float(bytes_per_param) * params
     return min(full, LOAD_SHARD_BYTES) if (zero_stage == 3 or quantized) else full
 
 

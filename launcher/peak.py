@@ -100,7 +100,8 @@ def _states(ctx: "_Context", stage: int, offload: str, hpz: bool):
         if hpz and stage == 3:  # ZeRO++ keeps a secondary 16-bit copy partitioned within the node
             s.weights += (m.trainable * 2 + m.frozen_bytes) / ctx.inventory.ranks_per_node
         total = total + s
-        load += mem.load_bytes_per_rank(m.shape.num_params, stage, m.quantized)
+        load += mem.load_bytes_per_rank(m.shape.num_params, stage, m.quantized,
+                                        _load_bytes(ctx, single_process and m.trainable and not m.is_lora))
         # Frozen models follow TRL's prepare_deepspeed: ZeRO-3 inference (partitioned) under stage 3, else a
         # replicated copy per rank; the search over stages is what picks whichever fits.
         placement = "partitioned" if stage == 3 else ("replicated" if not m.trainable else

@@ -82,6 +82,7 @@ class Plan:
     capacity_bytes: int = 0
     usable_bytes: int = 0
     host_bytes_per_node: int = 0
+    load_bytes_per_rank: int = 0  # host RAM one rank needs while from_pretrained loads its models (all of them)
     host_capacity_bytes: Optional[int] = None
     predicted_step_seconds: Optional[float] = None
     model: dict = field(default_factory=dict)

@@ -78,6 +78,7 @@ class _Result:
     hpz: bool
     parts: dict
     host: float
+    load: float  # host bytes per rank while its models load
     models: dict
     seconds: float
     gpu_ok: bool
@@ -161,7 +162,7 @@ def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro
                                    load_per_rank=load) if inv.device == "cuda" else parts["total"] * inv.ranks_per_node
     host_ok = ctx.host_capacity is None or host <= ctx.host_capacity
     seconds = step_seconds(ctx, stage, offload, checkpointing, micro, hpz)
-    return _Result(stage, offload, checkpointing, micro, hpz, parts, host, models, seconds,
+    return _Result(stage, offload, checkpointing, micro, hpz, parts, host, load, models, seconds,
                    parts["total"] <= ctx.usable, host_ok)
 
 
@@ -282,7 +283,7 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
         bnb_4bit_quant_storage=({"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
                                 if request.method == "qlora" and chosen.stage == 3 else None),
         per_gpu_bytes=chosen.parts, capacity_bytes=int(ctx.capacity), usable_bytes=int(ctx.usable),
-        host_bytes_per_node=int(chosen.host),
+        host_bytes_per_node=int(chosen.host), load_bytes_per_rank=int(chosen.load),
         host_capacity_bytes=int(ctx.host_capacity) if ctx.host_capacity else None,
         predicted_step_seconds=round(chosen.seconds, 4) if best is not None else None,
         model={"name": shape.name, "params": shape.num_params, "trainable_params": ctx.models[0].trainable,

@@ -263,7 +263,7 @@ def at_start(plan, rank: int, local_rank: int, world_size: int, ranks_per_node: 
     if world_size > 1:
         check_allreduce(timeout_s, report=report)
     if local_rank == 0 and plan.device == "cuda":
-        check_host(ranks_per_node, plan_load_bytes(plan), report, probe=probe)
+        check_host(ranks_per_node, plan.load_bytes_per_rank, report, probe=probe)
     for warning in report.warnings:
         print(f"ftlaunch: warning: {warning}", file=sys.stderr, flush=True)
     if report.errors:
@@ -271,19 +271,10 @@ def at_start(plan, rank: int, local_rank: int, world_size: int, ranks_per_node: 
     return report
 
 
-def plan_load_bytes(plan) -> int:
-    """Host RAM one rank needs while its models load, by the planner's rule (launcher/memory.py): every model the
-    recipe holds (PPO: four), each by its own storage, at the plan's ZeRO stage."""
-    from launcher import memory as mem
-
-    models = list(plan.models.values()) or [dict(plan.model, quantized=plan.method == "qlora")]
-    return int(sum(mem.load_bytes_per_rank(m.get("params", 0), plan.zero_stage, m.get("quantized", False))
-                   for m in models))
-
-
 def _model_load_bytes(recipe: Optional[str], config: Optional[str], overrides: list[str]) -> Optional[int]:
-    """Bytes of host RAM one rank needs while loading a recipe's models: the plan a run here would make (its shapes,
-    no download), so the same number the run's own start-up check uses; None without a recipe."""
+    """Bytes of host RAM one rank needs while loading a recipe's models (every model it holds, PPO: four, in its
+    load dtype): from the plan a run here would make (shapes, no download), the number the run's own start-up check
+    uses; None without a recipe."""
     if not (recipe or config):
         return None
     from launcher.config import load_recipe
@@ -291,7 +282,7 @@ def _model_load_bytes(recipe: Optional[str], config: Optional[str], overrides: l
     from launcher.train import DistEnv, plan_inputs
 
     inputs = plan_inputs(load_recipe(recipe, config, overrides), DistEnv.from_env())
-    return plan_load_bytes(plan_memory(inputs.request, inputs.inventory))
+    return plan_memory(inputs.request, inputs.inventory).load_bytes_per_rank
 
 
 def cmd_check(argv: list[str]) -> int:

@@ -454,6 +454,19 @@ def test_deepspeed_lm_head_is_16_bit_on_any_number_of_ranks():
     assert plain.single_process and plain.per_gpu_bytes["activations"] < per_rank[0]  # fp32 head: no upcast copy
 
 
+def test_load_bytes_follow_the_load_dtype():
+    """Host RAM while from_pretrained runs is the model in the dtype it loads in: an fp16 full fine-tune in one
+    process loads fp32 (4 B/param), the same run under DeepSpeed fp16 (2 B); QLoRA and zero.Init one shard."""
+    shape = resolve_shape("qwen2.5-0.5b")
+    n, t4 = shape.num_params, parse_spec("1xT4")
+    request = PlanRequest(method="full", seq_len=512, global_batch_size=1, zero_stage=0, offload="none")
+    assert plan(request, t4, shape).load_bytes_per_rank == 4 * n
+    assert plan(replace(request, deepspeed=True), t4, shape).load_bytes_per_rank == 2 * n
+    seven = resolve_shape("llama-2-7b")
+    qlora = plan(PlanRequest(method="qlora", seq_len=512, global_batch_size=1, **QLORA), t4, seven)
+    assert qlora.load_bytes_per_rank == mem.LOAD_SHARD_BYTES
+
+
 def test_lora_dropout_masks_per_device():
     shape = resolve_shape("llama-2-7b")
     kw = dict(seq_len=1024, micro_batch=1, checkpointing=False, lora_r=16, lora_targets="all-linear")
