@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from launcher.errors import UserError
+from launcher.plan_types import MIN_MEMORY_FRACTION
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 METHODS = ("sft", "qlora", "rm", "ppo", "dpo", "grpo", "classify")
@@ -287,8 +288,8 @@ def _check_ranges(cfg: RecipeConfig) -> None:
          f"eval.num_examples: must be 0 (no before/after evaluation) or positive, got {cfg.eval.num_examples}")
     need(cfg.plan.global_batch_size > 0,
          f"plan.global_batch_size: must be positive, got {cfg.plan.global_batch_size}")
-    need(0.1 <= cfg.plan.memory_fraction <= 1.0,
-         f"plan.memory_fraction: must be in [0.1, 1.0], got {cfg.plan.memory_fraction}")
+    need(MIN_MEMORY_FRACTION <= cfg.plan.memory_fraction <= 1.0,
+         f"plan.memory_fraction: must be in [{MIN_MEMORY_FRACTION}, 1.0], got {cfg.plan.memory_fraction}")
     need(cfg.plan.zero_stage is None or cfg.plan.zero_stage in (0, 1, 2, 3),
          f"plan.zero_stage: must be 0, 1, 2 or 3 (or null to let the planner choose), got {cfg.plan.zero_stage}")
     need(cfg.plan.micro_batch_size is None or cfg.plan.micro_batch_size > 0,

@@ -6,6 +6,8 @@ filling them in. tests/test_ds_config.py validates the output with DeepSpeed's o
 """
 from __future__ import annotations
 
+from launcher import memory as mem
+
 STEPS_PER_PRINT = 1_000_000  # HF's logging does the talking; DeepSpeed's own step prints only add noise
 
 
@@ -21,7 +23,8 @@ def gradient_clipping(cfg) -> float:
 
 def deepspeed_config(plan, gradient_clipping: float = 1.0) -> dict:
     """ZeRO stage, offload, batch geometry and precision of `plan` as a DeepSpeed config dict."""
-    bucket = int(plan.bucket_elements or 5e8)
+    hidden = int(plan.hidden_size or 4096)  # a plan read back from an older JSON may lack these two
+    bucket = int(plan.bucket_elements or mem.bucket_elements(hidden))
     zero: dict = {"stage": plan.zero_stage}
     if plan.zero_stage >= 1:
         zero.update(overlap_comm=plan.world_size > 1, contiguous_gradients=True, reduce_bucket_size=bucket)
@@ -30,7 +33,6 @@ def deepspeed_config(plan, gradient_clipping: float = 1.0) -> dict:
     if plan.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if plan.zero_stage == 3:
-        hidden = int(plan.hidden_size or 4096)
         zero.update(
             stage3_prefetch_bucket_size=int(0.9 * bucket),
             stage3_param_persistence_threshold=10 * hidden,  # HF's "auto" rule: small params stay resident

@@ -80,6 +80,12 @@ class GpuInfo:
     def model(self) -> GpuModel:
         return GPU_CATALOGUE.get(canonical_gpu_name(self.name), UNKNOWN_GPU)
 
+    @property
+    def spec(self) -> str:
+        """'T4-16GB': the name and the size it is sold as, which parse_spec turns back into this card."""
+        sold = [gb for gb, mib in self.model.memory if mib and mib * 2 ** 20 == self.total_bytes]
+        return f"{self.name}-{sold[0] if sold else round(self.total_bytes / GiB)}GB"
+
 
 @dataclass
 class Inventory:

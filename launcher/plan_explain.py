@@ -16,7 +16,6 @@ from launcher.shapes import ModelShape
 if TYPE_CHECKING:
     from launcher.planner import Plan, PlanRequest, _Context, _Result
 
-GiB = mem.GiB
 
 
 def miss_reason(ctx: _Context, result: _Result) -> str:
@@ -115,13 +114,13 @@ def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, p
             batch = -(-request.global_batch_size // dp) * dp
             if fits(replace(request, global_batch_size=batch), inv):
                 nodes = f"{inv.nodes}x" if inv.nodes > 1 else ""
-                ideas.append(f"{nodes}{inv.ranks_per_node}x{inv.gpu.name}-{inv.gpu.total_bytes / GiB:.0f}GB")
+                ideas.append(f"{nodes}{inv.ranks_per_node}x{inv.gpu.spec}")
                 break
     generated = request.generated_tokens  # PPO/GRPO: shorten the prompt (data.max_length), not the answer
     seq = (request.seq_len - generated) // 2
     while seq >= 64:
         if fits(replace(request, seq_len=seq + generated)):
-            ideas.append(f"data.max_length {seq}" if generated else f"seq_len {seq}")
+            ideas.append(f"data.max_length={seq}")  # the recipe key (`ftlaunch plan --model`: --seq-len)
             break
         seq //= 2
     return ideas
@@ -133,4 +132,4 @@ def scaled(inventory: Inventory, factor: int) -> Inventory:
     if inventory.nodes == 1 and target <= 8:
         return replace(inventory, ranks_per_node=target, notes=[])
     per_node = max(inventory.ranks_per_node, 8)
-    return replace(inventory, nodes=max(1, target // per_node), ranks_per_node=per_node, notes=[])
+    return replace(inventory, nodes=-(-target // per_node), ranks_per_node=per_node, notes=[])  # at least factor x

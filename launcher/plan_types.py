@@ -9,6 +9,8 @@ from typing import Optional
 
 from launcher.shapes import ModelShape
 
+MIN_MEMORY_FRACTION = 0.1  # below it the fixed runtime alone would not fit: a typo, not a plan
+
 
 @dataclass
 class ExtraModel:
@@ -34,7 +36,7 @@ class PlanRequest:
     offload: Optional[str] = None
     micro_batch_size: Optional[int] = None
     gradient_checkpointing: Optional[bool] = None
-    memory_fraction: float = 0.9
+    memory_fraction: float = 0.9  # of each GPU's capacity the plan may fill, in [MIN_MEMORY_FRACTION, 1]
     attention: str = "sdpa"  # 'sdpa' (also flash) | 'eager'
     extra_models: list = field(default_factory=list)
     lora_dropout: float = 0.0

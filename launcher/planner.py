@@ -19,7 +19,7 @@ from launcher.errors import UserError
 from launcher import peak, plan_explain as explain
 from launcher.cost import step_seconds
 from launcher.inventory import Inventory
-from launcher.plan_types import ExtraModel, Plan, PlanRequest  # noqa: F401  (re-exported: callers import them here)
+from launcher.plan_types import MIN_MEMORY_FRACTION, ExtraModel, Plan, PlanRequest  # noqa: F401  (re-exported: callers import them here)
 from launcher.shapes import ModelShape
 
 GiB = mem.GiB
@@ -139,8 +139,8 @@ def _context(request: PlanRequest, inventory: Inventory, shape: ModelShape) -> _
                         f"data-parallel rank(s); use a multiple of {dp}")
     if request.seq_len < 1:
         raise UserError(f"seq_len {request.seq_len}: must be positive")
-    if not 0 < request.memory_fraction <= 1:
-        raise UserError(f"plan.memory_fraction={request.memory_fraction}: must be in (0, 1]")
+    if not MIN_MEMORY_FRACTION <= request.memory_fraction <= 1:
+        raise UserError(f"plan.memory_fraction={request.memory_fraction}: must be in [{MIN_MEMORY_FRACTION}, 1]")
     precision, _ = choose_precision(inventory)
     capacity = inventory.capacity_per_rank
     if inventory.gpu is not None and capacity <= 0:

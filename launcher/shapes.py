@@ -44,7 +44,8 @@ class ModelShape:
 
     @property
     def embedding_params(self) -> int:
-        """Input embeddings plus, when untied, the lm_head: the part QLoRA keeps in 16-bit."""
+        """Input embeddings plus, when untied, the lm_head: the part QLoRA does not quantize (and then holds in fp32,
+        prepare_model_for_kbit_training)."""
         if self.arch == "encoder":
             return (self.vocab + self.max_positions + self.type_vocab) * self.hidden
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)

@@ -51,8 +51,8 @@ def training_kwargs(ctx, **method_defaults) -> dict:
         # batch geometry, checkpointing, precision and clipping exactly as in the DeepSpeed JSON of the same plan
         **training_args_overrides(plan, gradient_clipping(cfg)),
         per_device_eval_batch_size=max(plan.micro_batch_size, 8),
-        # On CPU, use_cpu=True is what makes accelerate see every DeepSpeed rank (CPU-FACTS: without it each rank
-        # silently believes it is alone).
+        # On CPU, use_cpu=True is what makes accelerate see every DeepSpeed rank (measured: without it each rank
+        # silently believes it is alone and trains on its own).
         use_cpu=not has_cuda(),
         deepspeed=ctx.ds_config,
         logging_steps=10,

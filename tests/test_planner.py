@@ -102,7 +102,7 @@ SCENARIOS = [
     ("full-smol1.7b-3090-fp32", "smollm2-1.7b", "full", "1xRTX3090-24GB", 2048, 16, {"weight_dtype": "float32"},
      refused_or_offloaded),
     ("full-8b-seq64k-refused", "meta-llama/Meta-Llama-3-8B", "full", "8xH100-80GB", 65536, 8, {},
-     lambda p: not p.fits and "seq_len" in p.reason),
+     lambda p: not p.fits and "data.max_length=" in p.reason),
     ("full-3b-h100", "qwen2.5-3b", "full", "1xH100", 2048, 16, {}, fits_on_gpu_alone),
     ("full-8b-2x8xa100-hpz", "llama-3-8b", "full", "2x8xA100-40GB", 2048, 64, dict(zero_stage=3),
      lambda p: p.fits and p.zero_stage == 3),
