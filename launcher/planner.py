@@ -300,8 +300,11 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
             + " keeps fp32 states (the HF Trainer's 32-bit override for nn.Embedding)")
     pins = {k: getattr(request, k) for k in ("zero_stage", "offload", "micro_batch_size", "gradient_checkpointing")
             if getattr(request, k) is not None}
-    if pins:
-        reasons.append("pinned: " + ", ".join(f"plan.{k}={v}" for k, v in pins.items()))
+    for label, chosen_by in (("pinned", lambda k: k not in request.kept),
+                             ("kept from the plan for data.max_length", lambda k: k in request.kept)):
+        named = [f"plan.{k}={v}" for k, v in pins.items() if chosen_by(k)]
+        if named:
+            reasons.append(f"{label}: " + ", ".join(named))
     if best is not None:
         reasons += explain.explain(ctx, best, per_config)
         result.reason = f"fits: {explain.describe(best)}, {mem.fmt_bytes(best.parts['total'])} of " \

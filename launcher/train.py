@@ -83,7 +83,8 @@ class RunContext:
         note = (f"seq_len {request.seq_len - cut}: the data's longest row is {longest} tokens, under data.max_length "
                 f"{self.cfg.data.max_length} (micro-batches are padded to their longest row)")
         request = replace(request, seq_len=request.seq_len - cut, zero_stage=first.zero_stage, offload=first.offload,
-                          notes=[*request.notes, note])
+                          notes=[*request.notes, note],
+                          kept=tuple(k for k in ("zero_stage", "offload") if getattr(request, k) is None))
         fitted = plan_memory(request, self.planned_from.inventory)
         if not fitted.fits:  # shorter sequences never need more memory; keep the first plan if they somehow do
             return
