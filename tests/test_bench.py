@@ -67,8 +67,10 @@ def test_flops_formula_for_llama_2_7b():
 
     shape = shape_for(tiny=False)
     assert 6.7e9 < shape.num_params < 6.8e9
-    n = shape.layers * shape.linear_params_per_layer + shape.vocab * shape.hidden
-    assert flops_per_token(shape, 2048) == 4 * n + 12 * 32 * 2048 * 4096
+    # from Llama-2-7B's published config, not from the shape object: 32 layers of q,k,v,o (4096²) and gate, up,
+    # down (4096 x 11008), lm_head 32000 x 4096; attention 12·L·s·d at s = 2048
+    matmul = 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008) + 32000 * 4096
+    assert flops_per_token(shape, 2048) == 4 * matmul + 12 * 32 * 2048 * 4096 == 29_649_534_976
 
 
 def test_digit_rows_are_longer_than_seq(tmp_path):

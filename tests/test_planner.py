@@ -193,11 +193,18 @@ def test_offload_needs_cpu_capable_optimizer():
 
 
 def test_multi_node_zero3_uses_hpz_when_it_pays():
+    """Across nodes ZeRO++'s hpZ (a secondary copy of the weights inside each node) trades memory for inter-node
+    traffic: chosen where it is predicted faster, the same configuration without it rejected as slower; on one
+    node it is never a candidate."""
     p = run("llama-2-13b", "full", "4x8xH100-80GB", batch=128, zero_stage=3)
-    assert p.fits
-    if p.zero_hpz_partition_size:
-        assert p.zero_hpz_partition_size == 8
-    assert any(r["plan"].get("zero_hpz") for r in p.rejected) or p.zero_hpz_partition_size == 8
+    assert p.fits and p.zero_hpz_partition_size == 8
+    same = {"zero_stage": 3, "offload": p.offload, "gradient_checkpointing": p.gradient_checkpointing,
+            "micro_batch_size": p.micro_batch_size}
+    without = [r for r in p.rejected if r["plan"] == same]
+    assert len(without) == 1 and without[0]["reason"].startswith("slower"), without
+    one_node = run("llama-2-13b", "full", "1x8xH100-80GB", batch=128, zero_stage=3)
+    assert one_node.zero_hpz_partition_size is None
+    assert not any(r["plan"].get("zero_hpz") for r in one_node.rejected)
 
 
 # ---------------------------------------------------------------- properties
@@ -632,29 +639,37 @@ def test_ppo_rollout_keeps_fp32_sampling_logits():
     assert plan(sharded, two, shape).per_gpu_bytes["activations"] == pytest.approx(sampling + gathered, rel=1e-6)
 
 
+# Where each shipped recipe says it runs (its header comment / description), offline from its shapes alone.
+RECIPE_TARGETS = {"qlora_7b": "1xRTX3090-24GB", "lora_7b": "1xA100-80GB", "dpo_7b": "1xA100-80GB",
+                  "rm_7b": "1xA100-80GB", "sft_7b": "8xA100-80GB", "ppo_7b": "8xA100-80GB", "rlhf_7b": "8xA100-80GB"}
+
+
 def test_real_recipes_plan_offline():
+    """Every shipped recipe plans without a download and fits where it says it runs: the tiny, small and
+    classification ones on this CPU, the 7B ones on their GPUs without offload; full SFT of 7B is refused on one
+    24 GB card."""
     from launcher.config import available_recipes, load_recipe
 
-    for name in available_recipes():
+    names = set(available_recipes())
+    assert set(RECIPE_TARGETS) <= names
+    for name in sorted(names):
         cfg = load_recipe(name, None, [])
-        p = plan(request_from_recipe(cfg), parse_spec(cfg.plan.inventory or "1xRTX3090-24GB"))
-        if name == "qlora_7b":
-            assert fits_on_gpu_alone(p), p.reason
-        if name.endswith("_tiny"):
-            assert p.fits, p.reason
+        p = plan(request_from_recipe(cfg), parse_spec(RECIPE_TARGETS.get(name, "cpu")))
+        assert p.fits and not p.offload_param, (name, p.reason)
+        if name in RECIPE_TARGETS:
+            assert fits_on_gpu_alone(p), (name, p.reason)
+    assert not plan(request_from_recipe(load_recipe("sft_7b", None, [])), parse_spec("1xRTX3090-24GB")).fits
 
 
 # ---------------------------------------------------------------- command line
 
-def test_cmd_plan_is_fast_and_torch_free():
-    code = ("import sys, time; t = time.time(); from launcher.plan_cmd import cmd_plan; "
+def test_cmd_plan_is_torch_free():
+    """`ftlaunch plan` never imports torch (its speed is bench/planner.py's figure, not a timed test)."""
+    code = ("import sys; from launcher.plan_cmd import cmd_plan; "
             "rc = cmd_plan(['--recipe', 'qlora_7b', '--inventory', '1xRTX3090-24GB', '--json']); "
-            "assert 'torch' not in sys.modules, 'torch imported'; assert rc == 0, rc; "
-            "print('elapsed', time.time() - t)")
+            "assert 'torch' not in sys.modules, 'torch imported'; assert rc == 0, rc")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    elapsed = float(out.stdout.strip().splitlines()[-1].split()[-1])
-    assert elapsed < 1.0
 
 
 def test_listing_and_rendering_commands_do_not_load_torch(tmp_path):

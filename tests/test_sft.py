@@ -22,7 +22,7 @@ def test_tiny_recipe_trains_and_loss_falls(recipe, tmp_path):
     metrics = m["metrics"]
     assert m["status"] == "finished" and metrics["global_step"] == 12 and metrics["world_size"] == 1
     assert metrics["train_loss_last"] < metrics["train_loss_first"] - 0.5, metrics
-    assert 0.0 <= metrics["after"]["exact_match"] <= 1.0 and metrics["before"]["n"] == 16
+    assert metrics["before"]["n"] == metrics["after"]["n"] == 16  # both evaluations scored every held-out row
     assert metrics["data"]["padding_share"] < 0.25  # sums of similar length: little padding, no packing advice
     assert (out / "recipe.yaml").exists() and (out / "tokenizer.json").exists()
     weights = "adapter_model.safetensors" if recipe != "sft_tiny" else "model.safetensors"
