@@ -36,7 +36,7 @@ def request_from_recipe(cfg) -> PlanRequest:
     chunked = cfg.method in ("sft", "qlora") and not training.get("use_liger_kernel") and \
         training.get("loss_type", "chunked_nll") in (None, "chunked_nll")
     # PPO/GRPO train on prompt + sampled answer: data.max_length bounds the prompt, the section the answer.
-    generated = _generated_tokens(cfg)
+    generated = generated_tokens(cfg)
     seq_len = cfg.data.max_length + generated
     if generated:
         notes.append(f"{cfg.method}: sequences of up to {seq_len} tokens = prompt (data.max_length "
@@ -62,7 +62,7 @@ def request_from_recipe(cfg) -> PlanRequest:
     reference = ExtraModel("reference", shape, trainable=False, quantized=method == "qlora")
     if cfg.method == "dpo":
         request.extra_models.append(reference)
-    elif cfg.method == "grpo" and float(_section(cfg, "grpo").get("beta", 0.0) or 0.0) > 0:
+    elif cfg.method == "grpo" and grpo_beta(cfg) > 0:
         request.extra_models.append(reference)
     elif cfg.method == "ppo":
         ppo = _section(cfg, "ppo")
@@ -72,12 +72,18 @@ def request_from_recipe(cfg) -> PlanRequest:
     return request
 
 
-def _generated_tokens(cfg) -> int:
-    """New tokens per rollout, with the recipes' defaults (recipes/grpo.py, recipes/ppo.py): eval.max_new_tokens."""
+def generated_tokens(cfg) -> int:
+    """New tokens per rollout: grpo.max_completion_length / ppo.response_length, default eval.max_new_tokens. The
+    recipes (recipes/grpo.py, recipes/ppo.py) read it here, so the trainer samples what the planner sized."""
     key = {"grpo": "max_completion_length", "ppo": "response_length"}.get(cfg.method)
     if key is None:
         return 0
     return int(_section(cfg, cfg.method).get(key, cfg.eval.max_new_tokens))
+
+
+def grpo_beta(cfg) -> float:
+    """GRPO's KL coefficient, default 0 (TRL's): above 0 a reference model is loaded, which the planner counts."""
+    return float(_section(cfg, "grpo").get("beta", 0.0) or 0.0)
 
 
 def _section(cfg, name: str) -> dict:

@@ -15,6 +15,7 @@ Reports the mean reward of greedy answers on held-out prompts, and exact-match a
 from __future__ import annotations
 
 from launcher.errors import UserError
+from launcher.recipe_request import generated_tokens, grpo_beta
 from recipes import builder, common, rewards
 
 DATA_KIND = "prompts"
@@ -46,8 +47,8 @@ def build(ctx):
                         f"change grpo.num_generations or plan.global_batch_size")
     method_defaults = dict(
         num_generations=num_generations,
-        max_completion_length=int(section.get("max_completion_length", cfg.eval.max_new_tokens)),
-        beta=float(section.get("beta", 0.0)),
+        max_completion_length=generated_tokens(cfg),
+        beta=grpo_beta(cfg),
         temperature=float(section.get("temperature", 1.0)),
         log_completions=False,
     )

@@ -28,6 +28,7 @@ import sys
 
 from launcher.errors import UserError
 from launcher.memory import PPO_ROLLOUT_CHUNK  # the planner sizes the rollout with the same chunk
+from launcher.recipe_request import generated_tokens
 from recipes import builder, common, rewards
 
 RESUMES = False  # TRL's PPOTrainer has no resume: launcher/train.py neither checks nor converts a checkpoint
@@ -146,7 +147,7 @@ def build(ctx):
         range(min(len(train), 8)))
 
     method = dict(
-        response_length=int(section.get("response_length", cfg.eval.max_new_tokens)),
+        response_length=generated_tokens(cfg),
         num_ppo_epochs=int(section.get("num_ppo_epochs", 4)),
         num_mini_batches=int(section.get("num_mini_batches", 1)),
         kl_coef=float(section.get("kl_coef", 0.05)),
