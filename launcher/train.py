@@ -330,10 +330,11 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         load_universal_on_all_ranks(resume, env.is_main, env.world_size)
         # for this start's resume only: recipes/callbacks.UniversalLoadOnce turns it off once loaded
         ctx.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    from launcher.inventory import _local_world_size
     from launcher.preflight import at_start
 
     at_start(ctx.plan, env.rank, env.local_rank, env.world_size,
-             int(os.environ.get("LOCAL_WORLD_SIZE", ctx.plan.gpus_per_node or 1)))
+             int(_local_world_size(os.environ) or ctx.plan.gpus_per_node or 1))  # torchrun's or deepspeed's name
     trainer, evaluator = module.build(ctx)  # loads data and model; bad data fails here, before any file is written
     ctx.callbacks.extend(common.default_callbacks(ctx, trainer))
     from launcher.checkpoints import AlreadyTrained
