@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 from launcher.errors import ArgParser, UserError
+from launcher.memory import PRECISION_DTYPES as DTYPES
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 BASES = ("dequantized", "original")
 PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")  # peft types that learn inputs, not weight deltas
 

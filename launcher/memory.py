@@ -30,6 +30,7 @@ from launcher.shapes import ModelShape
 
 GiB = 1024 ** 3
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # plan precision -> torch dtype name
 NF4_DOUBLE_QUANT_BYTES = 0.516  # 4-bit weights + 8-bit block scales (blocks of 64) + second-level scales
 OFFLOAD_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for pinned host buffers
 CUDA_RUNTIME_BYTES = 1 * GiB  # CUDA context, cuBLAS workspaces, NCCL buffers
@@ -107,7 +108,7 @@ def load_dtype(model_dtype: str, precision: str, full_single_process: bool) -> s
     single-device recipes do in bf16; fp16 weights cannot train that way (HF's grad scaler refuses fp16 gradients),
     so they load in fp32 and autocast computes in fp16."""
     dtype = model_dtype if model_dtype not in (None, "auto") else \
-        {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+        PRECISION_DTYPES.get(precision, "float32")
     if dtype == "float16" and full_single_process:
         return "float32"
     return dtype

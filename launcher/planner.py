@@ -280,7 +280,7 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
         micro_batch_size=chosen.micro, gradient_accumulation_steps=ctx.per_rank_batch // chosen.micro,
         gradient_checkpointing=chosen.checkpointing,
         zero_hpz_partition_size=inv.ranks_per_node if chosen.hpz else None,
-        bnb_4bit_quant_storage=({"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+        bnb_4bit_quant_storage=(mem.PRECISION_DTYPES[precision]
                                 if request.method == "qlora" and chosen.stage == 3 else None),
         per_gpu_bytes=chosen.parts, capacity_bytes=int(ctx.capacity), usable_bytes=int(ctx.usable),
         host_bytes_per_node=int(chosen.host), load_bytes_per_rank=int(chosen.load),
