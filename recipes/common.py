@@ -12,7 +12,8 @@ from launcher.errors import UserError
 # Batch geometry and precision come from the plan; a recipe's `training:` section may not contradict it.
 PLAN_OWNED = {"per_device_train_batch_size": "plan.micro_batch_size",
               "gradient_accumulation_steps": "plan.global_batch_size (accumulation is derived)",
-              "gradient_checkpointing": "plan.gradient_checkpointing", "deepspeed": "the planner (generated)",
+              "gradient_checkpointing": "plan.gradient_checkpointing",
+              "activation_checkpointing": "plan.gradient_checkpointing", "deepspeed": "the planner (generated)",
               "bf16": "the planner (precision)", "fp16": "the planner (precision)", "output_dir": "output_dir",
               "seed": "seed", "use_cpu": "the planner (device)"}
 
@@ -72,6 +73,19 @@ def training_kwargs(ctx, **method_defaults) -> dict:
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     kw.update(method_defaults)
     kw.update(cfg.training)
+    return _checkpointing_names(kw)
+
+
+def _checkpointing_names(kw: dict) -> dict:
+    """transformers 5.25 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs); the old names
+    still work but warn on every run and go in v6. Pass whichever the installed TrainingArguments reads first (the
+    old names then mirror the new, so TRL code reading args.gradient_checkpointing sees the same value)."""
+    from transformers import TrainingArguments
+
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        for old in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):
+            if old in kw:
+                kw["activation" + old[len("gradient"):]] = kw.pop(old)
     return kw
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 
 import pytest
 
@@ -131,10 +132,16 @@ def test_real_training_arguments_accept_the_config(tmp_path):
     from transformers import TrainingArguments
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    p = make_plan("tiny", "lora", "cpu", 32, dict(zero_stage=2))
+    from recipes.common import _checkpointing_names
+
+    p = make_plan("tiny", "lora", "cpu", 32, dict(zero_stage=2, gradient_checkpointing=True))
     try:
-        args = TrainingArguments(output_dir=str(tmp_path), deepspeed=deepspeed_config(p), use_cpu=True,
-                                 report_to=[], **training_args_overrides(p))
+        with warnings.catch_warnings(record=True) as caught:  # the names the installed transformers reads
+            warnings.simplefilter("always")
+            args = TrainingArguments(output_dir=str(tmp_path), deepspeed=deepspeed_config(p), use_cpu=True,
+                                     report_to=[], **_checkpointing_names(training_args_overrides(p)))
+        assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+        assert args.gradient_checkpointing is True
         assert args.hf_deepspeed_config.mismatches == []
         assert args.hf_deepspeed_config.config["train_batch_size"] == 32
     finally:
