@@ -120,6 +120,67 @@ def prepare_resume(output_dir: Path, is_main: bool) -> tuple[Path | None, list[P
     return chosen, skipped
 
 
+# Recipe sections a checkpoint's tensors depend on: resuming under other values fails deep inside torch (size
+# mismatch, parameter groups) after the run's files were rewritten, or silently trains something else.
+STRUCTURAL_SECTIONS = ("method", "model", "peft", "quant")
+
+
+def choose_resume(output_dir: Path, how: str, settings: dict, is_main: bool) -> Path | None:
+    """The checkpoint this start continues from (`--resume auto | never | PATH`), or None to start afresh; refuses
+    (UserError, exit 2) what would mix two runs. `settings` is the resolved recipe (config.to_yaml_dict)."""
+    from launcher.errors import UserError
+
+    output_dir = Path(output_dir)
+    if how == "never":
+        old = [p.name for p in checkpoints(output_dir)]
+        if old:  # the new run's checkpoints would rotate out first (lower steps) and a later resume take the old
+            raise UserError(f"--resume never: {output_dir} holds checkpoints of an earlier run ({', '.join(old)}); "
+                            f"use a new output_dir, or --resume auto to continue that run")
+        return None
+    if how == "auto":
+        chosen, skipped = prepare_resume(output_dir, is_main)
+        if is_main:
+            for path in skipped:
+                print(f"ftlaunch: skipping incomplete {path.name} (no completion marker: the run stopped while saving "
+                      f"it); removed", file=sys.stderr, flush=True)
+    else:
+        chosen = Path(how)
+        if not chosen.is_dir():
+            raise UserError(f"--resume {how}: no such checkpoint directory")
+        if not (chosen / "trainer_state.json").is_file():
+            inside = newest_complete_checkpoint(chosen)
+            hint = f"; did you mean --resume {inside}?" if inside else ""
+            raise UserError(f"--resume {how}: not a checkpoint (no trainer_state.json){hint}")
+    if chosen is not None:
+        check_same_settings(chosen, settings)
+    return chosen
+
+
+def check_same_settings(checkpoint: Path, settings: dict) -> None:
+    """Refuse a resume whose recipe differs from the one that wrote `checkpoint` (its run's recipe.yaml) in a
+    section its tensors depend on; training length, logging, data and the like may change."""
+    import yaml
+
+    from launcher.errors import UserError
+
+    saved_file = Path(checkpoint).parent / "recipe.yaml"
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # written elsewhere or by hand: nothing to compare with
+    changed = []
+    for section in STRUCTURAL_SECTIONS:
+        before, now = saved.get(section), settings.get(section)
+        if isinstance(before, dict) and isinstance(now, dict):
+            changed += [f"{section}.{k}={before.get(k)!r} (now {now.get(k)!r})" for k in sorted({*before, *now})
+                        if before.get(k) != now.get(k) and "***" not in (str(before.get(k)), str(now.get(k)))]
+        elif before != now:
+            changed.append(f"{section}={before!r} (now {now!r})")
+    if changed:
+        raise UserError(f"cannot resume {checkpoint}: its run was made with {'; '.join(changed)}; resume with the "
+                        f"same settings, or start afresh in a new output_dir")
+
+
 def checkpoint_layout(path: Path) -> dict:
     """How a checkpoint was written: world size and whether by DeepSpeed (ZeRO shards) or plain torch."""
     path = Path(path)
@@ -159,7 +220,7 @@ def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str
             f"cannot resume {path.name}: it was written by {how(layout['world_size'], layout['deepspeed'])}, this "
             f"run has {how(world_size, deepspeed)} (its optimizer state cannot be carried over exactly); resume "
             f"with the same launcher{' and rank count' if not deepspeed else ''}, or start afresh in a new "
-            f"output_dir (or --resume never)")
+            f"output_dir")
     repartition = layout["world_size"] != world_size
     optimizer = optimizer or "adamw_torch"  # the HF default when a recipe names none
     if repartition and optimizer not in UNIVERSAL_OPTIMIZERS:

@@ -132,19 +132,6 @@ def make_plan(cfg, env: DistEnv, inputs: PlanInputs | None = None):
     return plan
 
 
-def newest_checkpoint(output_dir: Path, is_main: bool = False) -> Path | None:
-    """`--resume auto`: the newest checkpoint marked complete; unmarked ones (killed while saving) are reported and
-    removed by rank 0."""
-    from launcher.checkpoints import prepare_resume
-
-    chosen, skipped = prepare_resume(output_dir, is_main)
-    if is_main:
-        for path in skipped:
-            print(f"ftlaunch: skipping incomplete {path.name} (no completion marker: the run stopped while saving "
-                  f"it); removed", file=sys.stderr, flush=True)
-    return chosen
-
-
 def join_process_group(ctx: RunContext) -> None:
     """Under DeepSpeed every rank joins the process group before the model loads: ZeRO-3's zero.Init (inside
     from_pretrained) sizes its partitions from deepspeed.comm, which the HF Trainer sets up only later when ranks
@@ -303,19 +290,15 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     previous = read_manifest(out)
     if previous and previous.get("status") == "finished" and args.resume != "never":
         if env.is_main:
-            print(f"ftlaunch: {out} already holds a finished run; nothing to do (use a new output_dir, "
-                  f"or --resume never to train again)")
+            print(f"ftlaunch: {out} already holds a finished run; nothing to do (use a new output_dir to train "
+                  f"again)")
         return 0
     quiet_known_noise(args.verbose)
     quiet_other_ranks(env, args.verbose)
     common.seed_everything(ctx.cfg.seed)
-    resume = None
-    if args.resume == "auto":
-        resume = newest_checkpoint(out, env.is_main)
-    elif args.resume != "never":
-        resume = Path(args.resume)
-        if not resume.is_dir():
-            raise UserError(f"--resume {args.resume}: no such checkpoint directory")
+    from launcher.checkpoints import choose_resume
+
+    resume = choose_resume(out, args.resume, to_yaml_dict(ctx.cfg), env.is_main)
     repartition = False
     if resume is not None and getattr(module, "RESUMES", True):
         from launcher.checkpoints import check_resumable

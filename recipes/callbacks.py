@@ -138,7 +138,7 @@ class CheckpointCommitter(TrainerCallback):
         self.take_over_rotation(args)
 
     def on_step_end(self, args, state, control, **kwargs):
-        # A checkpoint-N left from an earlier run (`--resume never`) is rewritten in place: unmark it first.
+        # A checkpoint-N already there (`--resume PATH` of an older one) is rewritten in place: unmark it first.
         if control.should_save and state.is_world_process_zero:
             unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
         return control

@@ -108,7 +108,8 @@ def test_committer_takes_over_rotation_from_hf(tmp_path):
 
 
 def test_stale_marker_is_removed_before_rewrite(tmp_path):
-    """`--resume never` into an old run dir: checkpoint-N is rewritten in place, so its old marker goes first."""
+    """Resuming an older checkpoint (`--resume PATH`): a later checkpoint-N is rewritten in place, so its old marker
+    goes first."""
     fake_checkpoint(tmp_path, 4)
     args = SimpleNamespace(output_dir=str(tmp_path))
     state = SimpleNamespace(global_step=4, is_world_process_zero=True)
@@ -148,6 +149,36 @@ def test_world_size_change_is_refused_in_one_line(tmp_path, capsys):
     assert "cannot resume checkpoint-6: it was written by 2 ranks with DeepSpeed, this run has 1 rank" in err[0]
     assert "same launcher and rank count" in err[0]
     assert ck.is_complete(out / "checkpoint-6"), "the checkpoint itself is left alone"
+
+
+def _one_line(code: int, capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_a_resume_that_would_mix_two_runs_is_refused(tmp_path, capsys):
+    """Nothing of an earlier run is lost or mixed in: `--resume never` into a directory holding its checkpoints
+    (the new run's lower-numbered ones would rotate out first, and a later resume would take the old run's);
+    a resume under other model/PEFT settings (it would fail inside torch after rewriting the run's records); a run
+    directory given where a checkpoint is expected. One line each, exit 2, the old run's files untouched."""
+    import yaml
+
+    from launcher.config import load_recipe, to_yaml_dict
+
+    out = tmp_path / "run"
+    fake_checkpoint(out, 6)
+    recipe = yaml.safe_dump(to_yaml_dict(load_recipe("lora_tiny", None, [f"output_dir={out}"])), sort_keys=False)
+    (out / "recipe.yaml").write_text(recipe)
+    line = _one_line(run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "--resume", "never"), capsys)
+    assert "holds checkpoints of an earlier run (checkpoint-6)" in line and "new output_dir" in line
+    line = _one_line(run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "peft.r=8"), capsys)
+    assert "cannot resume" in line and "peft.r=16 (now 8)" in line and "same settings" in line
+    elsewhere = tmp_path / "other"
+    line = _one_line(run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={elsewhere}", "--resume", str(out)),
+                     capsys)
+    assert f"did you mean --resume {out / 'checkpoint-6'}?" in line and not elsewhere.exists()
+    assert (out / "recipe.yaml").read_text() == recipe and ck.is_complete(out / "checkpoint-6")
 
 
 # ---- real runs ---------------------------------------------------------------------------------------------------
