@@ -275,7 +275,8 @@ def _parser() -> ArgParser:
     p.add_argument("--gpus-per-node", default="1", help="GPUs per node (default 1; 0 = one CPU rank per node)")
     p.add_argument("--time", default=DEFAULT_TIME, help=f"time limit (default {DEFAULT_TIME})")
     p.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
-    p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"job log path (default {DEFAULT_OUTPUT})")
+    p.add_argument("--output", default=DEFAULT_OUTPUT,  # argparse %-formats help: Slurm's %x %j need %%
+                   help=f"job log path (default {DEFAULT_OUTPUT.replace('%', '%%')})")
     p.add_argument("--job-name", help="default ftl-RECIPE")
     p.add_argument("--account")
     p.add_argument("--constraint")

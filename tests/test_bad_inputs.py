@@ -191,6 +191,14 @@ def test_bad_arguments_are_one_line_not_a_usage_block(argv, expected, tmp_path, 
     assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", expected, f"ftlaunch {argv[0]} --help")
 
 
+@pytest.mark.parametrize("command", ["run", "plan", "inventory", "recipes", "pipeline", "slurm", "check", "export",
+                                     "runs"])
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        run_inprocess(command, "--help")
+    assert exited.value.code == 0 and f"usage: ftlaunch {command}" in capsys.readouterr().out
+
+
 def test_existing_output_dir_is_left_alone_on_bad_input(tmp_path, capsys):
     """A bad override against an existing run directory must not delete or touch it."""
     out = tmp_path / "out"
