@@ -2,6 +2,8 @@
 
 No imports beyond the standard library: `ftlaunch slurm`, `runs` and `plan` read these without loading torch."""
 import argparse
+import os
+from pathlib import Path
 
 # What a process killed by SIGTERM reports (128 + 15). The sbatch scripts (launcher/slurm.py) requeue on it; the
 # runner returns it after a preemption checkpoint.
@@ -43,3 +45,22 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def writable_dir(path, field: str) -> bool:
+    """Create directory `path` if needed and prove it writable, or raise a UserError naming `field` (nothing left
+    behind). Returns whether it was created here."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{field}: {path} exists and is not a directory; choose another {field}")
+    created = not path.exists()
+    probe = path / f".ftlaunch-write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise UserError(f"{field}: cannot write to {path} ({e.strerror or e}); choose a writable {field}") from None
+    return created

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from launcher.errors import ArgParser, UserError
+from launcher.errors import ArgParser, UserError, writable_dir
 from launcher.memory import PRECISION_DTYPES as DTYPES
 
 BASES = ("dequantized", "original")
@@ -47,8 +47,11 @@ def cmd_export(argv: list[str]) -> int:
     if not run_dir.is_dir():
         raise UserError(f"export: {run_dir} is not a directory")
     if not (run_dir / "adapter_config.json").exists():
-        raise UserError(f"export: {run_dir} holds no adapter (adapter_config.json); a full fine-tune is already a "
-                        f"complete HF model there")
+        if (run_dir / "config.json").exists():
+            raise UserError(f"export: {run_dir} holds a full fine-tune, already a complete HF model there; load it "
+                            f"with from_pretrained('{run_dir}')")
+        raise UserError(f"export: {run_dir} holds no trained adapter (adapter_config.json): its run has not "
+                        f"finished; run it again with the same output_dir to resume and finish it")
     if not args.merge:
         raise UserError("export: pass --merge to write the adapter merged into its base")
     adapter_cfg = json.loads((run_dir / "adapter_config.json").read_text())
@@ -59,6 +62,7 @@ def cmd_export(argv: list[str]) -> int:
     out = Path(args.out) if args.out else run_dir / "merged"
     if out.exists():
         raise UserError(f"export: {out} already exists; remove it or pass --out elsewhere")
+    writable_dir(out.parent, "--out")  # before the merge, which takes minutes
     from recipes.builder import trained_in_4bit
 
     merge_adapter(run_dir, out, args.dtype, args.base)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from launcher.checkpoints import newest_complete_checkpoint
-from launcher.errors import ArgParser
+from launcher.errors import ArgParser, UserError
 
 
 def find_runs(root: Path) -> list[dict]:
@@ -34,9 +34,12 @@ def find_runs(root: Path) -> list[dict]:
 
 def cmd_runs(argv: list[str]) -> int:
     parser = ArgParser(prog="ftlaunch runs", description=__doc__.splitlines()[0])
-    parser.add_argument("dir", nargs="?", default="runs")
+    parser.add_argument("dir", nargs="?", help="where to look (default runs/)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.dir is not None and not Path(args.dir).is_dir():  # the default may not exist yet: no runs
+        raise UserError(f"ftlaunch runs: {args.dir} is not a directory")
+    args.dir = args.dir or "runs"
     rows = find_runs(Path(args.dir))
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
-from launcher.errors import PREEMPTED_EXIT_CODE, ArgParser, UserError
+from launcher.errors import PREEMPTED_EXIT_CODE, ArgParser, UserError, writable_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = "slurm/%x-%j.out"
@@ -317,9 +317,12 @@ def cmd_slurm(argv: list[str]) -> int:
         sys.stdout.write(script)
         return 0
     path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    path.chmod(0o755)
+    writable_dir(path.parent, "--write")
+    try:
+        path.write_text(script)
+        path.chmod(0o755)
+    except OSError as e:
+        raise UserError(f"--write {path}: cannot write it ({e.strerror or e})") from None
     print(f"ftlaunch: wrote {path}", file=sys.stderr)
     if args.submit:
         import shutil

@@ -268,7 +268,10 @@ def run(argv: list[str]) -> int:
 
     ds = deepspeed_config(plan, gradient_clipping(cfg)) if env.launched else None
     out = Path(cfg.output_dir)
-    existed = out.exists() and any(out.iterdir())
+    existed = out.is_dir() and any(out.iterdir())
+    from launcher.errors import writable_dir
+
+    writable_dir(out, "output_dir")  # a file, a read-only place: one line now, not a traceback after the model loads
     ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=out, planned_from=inputs)
     module = importlib.import_module(f"recipes.{cfg.method}")  # one module per method
     try:

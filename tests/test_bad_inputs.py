@@ -199,6 +199,19 @@ def test_every_command_prints_its_help(command, capsys):
     assert exited.value.code == 0 and f"usage: ftlaunch {command}" in capsys.readouterr().out
 
 
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    """An output_dir that is a file, or under one, fails before anything loads; so do slurm --write and export
+    --out."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for target, expected in ((a_file, "exists and is not a directory"), (a_file / "run", "cannot write to")):
+        code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={target}")
+        assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", f"output_dir: ", expected)
+    code = run_inprocess("slurm", "--recipe", "lora_tiny", "--write", str(a_file / "job.sbatch"))
+    assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", "--write: ")
+    assert a_file.read_text() == "mine"
+
+
 def test_existing_output_dir_is_left_alone_on_bad_input(tmp_path, capsys):
     """A bad override against an existing run directory must not delete or touch it."""
     out = tmp_path / "out"

@@ -101,9 +101,13 @@ def test_merged_reward_model_scores_what_the_adapter_did(runs, tmp_path, capsys)
 
 
 def test_export_refuses_what_it_cannot_merge(runs, tmp_path, capsys):
+    (tmp_path / "unfinished").mkdir()
+    assert run_inprocess("export", str(tmp_path / "unfinished"), "--merge") == 2
+    assert "has not finished" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text("{}")
     assert run_inprocess("export", str(tmp_path / "full"), "--merge") == 2
-    assert "holds no adapter" in capsys.readouterr().err
+    assert "holds a full fine-tune" in capsys.readouterr().err
     assert run_inprocess("export", str(runs / "lora_tiny")) == 2
     assert "pass --merge" in capsys.readouterr().err
     prompt = tmp_path / "prompt"
@@ -126,3 +130,5 @@ def test_runs_lists_status_step_and_score(runs, capsys):
         assert row["best"].startswith("pairwise_accuracy=" if row["recipe"] == "rm_tiny" else "exact_match="), row
     assert run_inprocess("runs", str(runs)) == 0
     assert "lora_tiny" in capsys.readouterr().out
+    assert run_inprocess("runs", str(runs / "nope")) == 2  # a directory that is not there is a typo, not "no runs"
+    assert "is not a directory" in capsys.readouterr().err
