@@ -350,6 +350,10 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         if env.is_main:
             update_manifest(out, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    except KeyboardInterrupt:  # Ctrl-C: no checkpoint (SIGTERM/SIGUSR1 save one), but the record says it stopped
+        if env.is_main:
+            update_manifest(out, status="interrupted", step=trainer.state.global_step)
+        raise
     preempted = any(getattr(cb, "preempted", False) for cb in ctx.callbacks)
     stopped = next((cb.stop_reason for cb in ctx.callbacks if getattr(cb, "stop_reason", None)), None)
     if preempted:

@@ -181,6 +181,27 @@ def test_a_resume_that_would_mix_two_runs_is_refused(tmp_path, capsys):
     assert (out / "recipe.yaml").read_text() == recipe and ck.is_complete(out / "checkpoint-6")
 
 
+def test_ctrl_c_leaves_an_interrupted_record(tmp_path, capsys, monkeypatch):
+    """Ctrl-C mid-run (KeyboardInterrupt at a step boundary): exit 130 and the manifest says interrupted at that
+    step, not 'running' for ever."""
+    from transformers import TrainerCallback
+
+    from recipes import common
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    real = common.default_callbacks
+    monkeypatch.setattr(common, "default_callbacks", lambda ctx, trainer: [*real(ctx, trainer), CtrlC()])
+    out = tmp_path / "out"
+    assert run_inprocess("run", *SMALL, "training.max_steps=6", f"output_dir={out}") == 130
+    m = manifest(out)
+    assert (m["status"], m["step"]) == ("interrupted", 2), m
+    assert "ftlaunch: interrupted" in capsys.readouterr().err
+
+
 # ---- real runs ---------------------------------------------------------------------------------------------------
 
 KILL_IN_COMMIT = """
