@@ -284,6 +284,7 @@ def _check_ranges(cfg: RecipeConfig) -> None:
     need(cfg.data.max_length >= 8, f"data.max_length: must be at least 8, got {cfg.data.max_length}")
     need(0 <= cfg.data.eval_ratio < 1, f"data.eval_ratio: must be in [0, 1), got {cfg.data.eval_ratio}")
     need(cfg.data.num_examples > 0, f"data.num_examples: must be positive, got {cfg.data.num_examples}")
+    need(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2 ** 32, f"seed: must be in [0, 2**32), got {cfg.seed}")
     need(cfg.eval.num_examples >= 0,
          f"eval.num_examples: must be 0 (no before/after evaluation) or positive, got {cfg.eval.num_examples}")
     need(cfg.plan.global_batch_size > 0,

@@ -149,11 +149,32 @@ def load_model(cfg, plan, path: str, auto_class=None, **kwargs):
         model = from_pretrained(auto_class, path, quant,
                                 dtype=torch_dtype(cfg, plan, trained_full=cfg.peft.method == "none" and quant is None),
                                 trust_remote_code=cfg.model.trust_remote_code, **extra, **kwargs)
+    check_lora_targets(cfg, model)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
     return model
+
+
+def check_lora_targets(cfg, model) -> None:
+    """peft.target_modules names modules of this model (checked before the trainer wraps it: PEFT's own error is a
+    traceback from deep inside the trainer). 'all-linear' and regular expressions are PEFT's to resolve."""
+    targets = cfg.peft.target_modules
+    if cfg.peft.method not in ("lora", "dora") or targets in (None, "all-linear"):
+        return
+    names = [targets] if isinstance(targets, str) else list(targets)
+    if isinstance(targets, str) and any(c in targets for c in "\\.*+?[]()|^$"):
+        return
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        import torch
+
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__.startswith("Linear")})
+        raise UserError(f"peft.target_modules: {', '.join(map(repr, missing))} not in this model; its linear layers: "
+                        f"{', '.join(linear)} (or all-linear)")
 
 
 def from_pretrained(auto_class, path: str, quant=None, **kwargs):

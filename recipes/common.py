@@ -110,18 +110,52 @@ def load_inputs(ctx, kind: str, path: str, padding_side: str = "right"):
     return tokenizer, bundle, bundle.eval is not None and len(bundle.eval) > 0
 
 
+# training.* values that parse as their type but make no sense; the HF Trainer accepts them silently or fails
+# mid-run. Keys it validates itself are left to it.
+TRAINING_RANGES = {"save_steps": (0, False), "logging_steps": (0, False), "eval_steps": (0, False),
+                   "num_train_epochs": (0, False), "warmup_steps": (0, True), "weight_decay": (0, True)}
+
+
 def make_args(config_cls, kwargs: dict):
     """Build a TRL/HF config; unknown or invalid `training.*` keys become one-line errors."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    for key in kwargs:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for key, value in kwargs.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
             hint = f" (did you mean 'training.{close[0]}'?)" if close else ""
             raise UserError(f"unknown config key 'training.{key}' for {config_cls.__name__}{hint}")
+        kind = fields[key].type  # a class, or a string such as 'float | None'
+        _check_training_value(key, value, kind.__name__ if isinstance(kind, type) else str(kind))
+    _check_report_to(kwargs.get("report_to"))
     try:
         return config_cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise UserError(f"training: {str(e).strip().splitlines()[0]}") from None
+
+
+def _check_training_value(key: str, value, type_name: str) -> None:
+    """A number where the field is a plain number (a string there fails deep in the optimizer), in its range."""
+    plain = re.sub(r"^Optional\[(.*)\]$|^(.*?) \| None$", lambda m: m.group(1) or m.group(2), type_name.strip())
+    if value is None or plain not in ("int", "float"):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"training.{key}: expected a number, got {value!r}")
+    if key in TRAINING_RANGES:
+        low, inclusive = TRAINING_RANGES[key]
+        if value < low or (value == low and not inclusive):
+            raise UserError(f"training.{key}: must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+
+
+def _check_report_to(value) -> None:
+    """Each logger named in training.report_to is installed (the Trainer otherwise fails after loading the model)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    named = [value] if isinstance(value, str) else list(value or [])
+    available = set(get_available_reporting_integrations())
+    missing = [n for n in named if n not in available | {"none", "all"}]
+    if missing:
+        raise UserError(f"training.report_to: {', '.join(missing)} not installed here (available: "
+                        f"{', '.join(sorted(available)) or 'none'}); pip install it or choose another")
 
 
 def default_callbacks(ctx, trainer) -> list:

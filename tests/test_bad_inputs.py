@@ -96,6 +96,12 @@ BAD_RUNS = [
     ("range_max_length", "lora_tiny", ["data.max_length=4"], None, ["data.max_length: must be at least 8"]),
     ("range_num_examples", "lora_tiny", ["data.num_examples=0"], None, ["data.num_examples: must be positive"]),
     ("range_eval_examples", "cls_tiny", ["eval.num_examples=-5"], None, ["eval.num_examples: must be 0"]),
+    ("range_seed", "lora_tiny", ["seed=-1"], None, ["seed: must be in [0, 2**32)"]),
+    ("training_value_type", "lora_tiny", ["training.weight_decay=abc"], None,
+     ["training.weight_decay: expected a number, got 'abc'"]),
+    ("training_value_range", "lora_tiny", ["training.save_steps=-1"], None, ["training.save_steps: must be > 0"]),
+    ("lora_target_not_in_model", "lora_tiny", ["peft.target_modules=[foo_proj]"], None,
+     ["peft.target_modules: 'foo_proj' not in this model", "q_proj"]),
     ("range_max_steps", "lora_tiny", ["training.max_steps=0"], None, ["training.max_steps: must be a positive"]),
     ("unknown_training_key", "lora_tiny", ["training.learning_rat=1e-3"], None,
      ["training.learning_rat", "did you mean 'training.learning_rate'"]),
@@ -210,6 +216,15 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     code = run_inprocess("slurm", "--recipe", "lora_tiny", "--write", str(a_file / "job.sbatch"))
     assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", "--write: ")
     assert a_file.read_text() == "mine"
+
+
+def test_report_to_a_logger_that_is_not_installed(tmp_path, capsys):
+    import importlib.util
+
+    missing = next(n for n in ("wandb", "comet_ml", "clearml", "dvclive") if importlib.util.find_spec(n) is None)
+    out = tmp_path / "out"
+    code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", f"training.report_to={missing}")
+    assert_clean_failure(code, capsys.readouterr().err, out, f"training.report_to: {missing} not installed here")
 
 
 def test_existing_output_dir_is_left_alone_on_bad_input(tmp_path, capsys):
