@@ -279,6 +279,10 @@ def _check_ranges(cfg: RecipeConfig) -> None:
         if not ok:
             raise UserError(msg)
 
+    from launcher.ds_config import check_plan_owned
+
+    check_plan_owned(cfg.training)
+
     need(cfg.peft.r > 0, f"peft.r: must be a positive integer, got {cfg.peft.r}")
     need(0 <= cfg.peft.dropout < 1, f"peft.dropout: must be in [0, 1), got {cfg.peft.dropout}")
     need(cfg.data.max_length >= 8, f"data.max_length: must be at least 8, got {cfg.data.max_length}")

@@ -67,6 +67,24 @@ def deepspeed_config(plan, gradient_clipping: float = 1.0) -> dict:
     return config
 
 
+# Batch geometry and precision come from the plan; a recipe's `training:` section may not contradict it.
+PLAN_OWNED = {"per_device_train_batch_size": "plan.micro_batch_size",
+              "gradient_accumulation_steps": "plan.global_batch_size (accumulation is derived)",
+              "gradient_checkpointing": "plan.gradient_checkpointing",
+              "activation_checkpointing": "plan.gradient_checkpointing", "deepspeed": "the planner (generated)",
+              "bf16": "the planner (precision)", "fp16": "the planner (precision)", "output_dir": "output_dir",
+              "seed": "seed", "use_cpu": "the planner (device)"}
+
+
+def check_plan_owned(training: dict) -> None:
+    """A recipe's `training:` may not contradict the plan (both `ftlaunch plan` and `run` load recipes through this)."""
+    from launcher.errors import UserError
+
+    for key in training:
+        if key in PLAN_OWNED:
+            raise UserError(f"training.{key}: set by {PLAN_OWNED[key]}, not in training:; remove it")
+
+
 def training_args_overrides(plan, gradient_clipping: float = 1.0) -> dict:
     """TrainingArguments values that match `deepspeed_config(plan)` (HF raises on any mismatch)."""
     return {

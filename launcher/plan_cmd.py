@@ -16,12 +16,13 @@ def _plan_parser() -> ArgParser:
     p.add_argument("--recipe", help="a shipped recipe name (see `ftlaunch recipes`)")
     p.add_argument("--config", help="a recipe YAML file of your own")
     p.add_argument("--model", help="without a recipe: hub id, built-in card or local dir with config.json")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="full", help="without a recipe")
-    p.add_argument("--seq-len", type=int, default=2048, help="without a recipe (default 2048)")
-    p.add_argument("--global-batch", type=int, default=16, help="without a recipe (default 16)")
-    p.add_argument("--lora-r", type=int, default=16, help="without a recipe (default 16)")
-    p.add_argument("--optim", default="adamw_torch", help="without a recipe: HF optim name (default adamw_torch)")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], help="without a recipe (default full)")
+    p.add_argument("--seq-len", type=int, help="without a recipe (default 2048)")
+    p.add_argument("--global-batch", type=int, help="without a recipe (default 16)")
+    p.add_argument("--lora-r", type=int, help="without a recipe (default 16)")
+    p.add_argument("--optim", help="without a recipe: HF optim name (default adamw_torch)")
     p.add_argument("--inventory", help="what-if hardware, e.g. 1xRTX3090-24GB, 8xA100-40GB, 4x8xH100-80GB, 2xcpu")
+    p.add_argument("--hostfile", help="plan for the nodes of a DeepSpeed hostfile (GPUs probed here)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
     p.add_argument("--offload", choices=["none", "optimizer", "all"])
     p.add_argument("--micro-batch", type=int)
@@ -30,7 +31,7 @@ def _plan_parser() -> ArgParser:
     p.add_argument("--deepspeed", action="store_true",
                    help="plan a launched run (deepspeed/torchrun/srun): the DeepSpeed engine runs even on one GPU")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--ds-config", action="store_true", help="also print the DeepSpeed JSON")
+    p.add_argument("--ds-config", action="store_true", help="also print the DeepSpeed JSON (implies --deepspeed)")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.max_length=4096 peft.r=64")
     return p
@@ -53,9 +54,16 @@ def build_plan(args):
     from launcher.shapes import resolve_shape
 
     pins = _pins(args)
+    model_only = {"--method": args.method, "--seq-len": args.seq_len, "--global-batch": args.global_batch,
+                  "--lora-r": args.lora_r, "--optim": args.optim}
     if args.recipe or args.config:
         from launcher.config import load_recipe
 
+        given = [name for name, value in model_only.items() if value is not None]
+        if given:  # silently planning the recipe's own values instead would answer another question
+            raise UserError(f"ftlaunch plan: {given[0]} applies with --model; with a recipe give it as an override "
+                            f"(method and peft.r in the recipe, data.max_length, plan.global_batch_size, "
+                            f"training.optim)")
         overrides = list(args.overrides)
         for key, value in pins.items():  # through the recipe loader, so the same validation applies
             overrides.append(f"plan.{key}={json.dumps(value) if isinstance(value, bool) else value}")
@@ -68,10 +76,12 @@ def build_plan(args):
             raise UserError("ftlaunch plan: give --recipe NAME (or --config FILE), or --model NAME --method METHOD")
         if args.overrides:
             raise UserError(f"ftlaunch plan: key=value overrides ({args.overrides[0]}) need --recipe or --config")
-        for name, value in (("--seq-len", args.seq_len), ("--global-batch", args.global_batch),
-                            ("--lora-r", args.lora_r)):
-            if value < 1:
+        args.method, args.optim = args.method or "full", args.optim or "adamw_torch"
+        for name, value, default in (("--seq-len", args.seq_len, 2048), ("--global-batch", args.global_batch, 16),
+                                     ("--lora-r", args.lora_r, 16)):
+            if value is not None and value < 1:
                 raise UserError(f"{name}: must be positive, got {value}")
+            setattr(args, name[2:].replace("-", "_"), value or default)
         from launcher.memory import SFT_LOSS_CHUNK_TOKENS
 
         # what `ftlaunch run` does with these methods: TRL's SFTTrainer, chunked loss
@@ -80,8 +90,10 @@ def build_plan(args):
                               loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS, **pins)
         spec = args.inventory
         clipping = 1.0
-    request.deepspeed = args.deepspeed
-    inventory = detect_inventory(spec)
+    request.deepspeed = args.deepspeed or args.ds_config  # a DeepSpeed JSON is for a launched run
+    if spec and args.hostfile:
+        raise UserError("ftlaunch plan: give --inventory or --hostfile, not both")
+    inventory = detect_inventory(spec, hostfile=args.hostfile)
     return plan(request, inventory), inventory, clipping
 
 
@@ -90,7 +102,8 @@ def cmd_plan(argv: list[str]) -> int:
     result, inventory, clipping = build_plan(args)
     from launcher.ds_config import deepspeed_config
 
-    ds = deepspeed_config(result, clipping) if result.fits else None
+    # a plan for one plain process runs without DeepSpeed: no JSON to give (--deepspeed plans a launched run)
+    ds = deepspeed_config(result, clipping) if result.fits and not result.single_process else None
     if args.json:
         out = result.to_json()
         out["deepspeed_config"] = ds
@@ -161,12 +174,15 @@ def cmd_inventory(argv: list[str]) -> int:
     parser = ArgParser(prog="ftlaunch inventory",
                                      description="Show the GPUs, nodes and host resources ftlaunch sees.")
     parser.add_argument("--inventory", help="a what-if spec to parse instead, e.g. 4x8xH100-80GB")
+    parser.add_argument("--hostfile", help="a DeepSpeed hostfile: its nodes and slots (GPUs probed here)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from launcher.inventory import detect_inventory
 
-    inventory = detect_inventory(args.inventory)
+    if args.inventory and args.hostfile:
+        raise UserError("ftlaunch inventory: give --inventory or --hostfile, not both")
+    inventory = detect_inventory(args.inventory, hostfile=args.hostfile)
     if args.json:
         print(json.dumps(inventory.to_json(), indent=2, default=list))
         return 0

@@ -34,9 +34,13 @@ def unit(ctx: _Context) -> str:
 
 
 def describe(result: _Result) -> str:
-    offload = {"none": "", "optimizer": " + optimizer offload", "all": " + optimizer & parameter offload"}
-    return (f"ZeRO-{result.stage}{offload[result.offload]}{' + hpZ' if result.hpz else ''}, checkpointing "
-            f"{'on' if result.checkpointing else 'off'}, micro-batch {result.micro}")
+    return _words(result.stage, result.offload, result.hpz, result.checkpointing, result.micro)
+
+
+def _words(stage: int, offload: str, hpz: bool, checkpointing: bool, micro: int) -> str:
+    kinds = {"none": "", "optimizer": " + optimizer offload", "all": " + optimizer & parameter offload"}
+    return (f"ZeRO-{stage}{kinds[offload]}{' + hpZ' if hpz else ''}, checkpointing {'on' if checkpointing else 'off'}, "
+            f"micro-batch {micro}")
 
 
 def explain(ctx: _Context, best: _Result, per_config) -> list[str]:
@@ -99,8 +103,7 @@ def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, p
 
     ideas = []
     if pins:
-        free = replace(request, zero_stage=None, offload=None, micro_batch_size=None, gradient_checkpointing=None)
-        p = fits(free)
+        p = fits(unpinned(request))
         if p:
             ideas.append(f"without the pins (ZeRO-{p.zero_stage}, offload {p.offload})")
     for lighter in {"full": ["lora", "qlora"], "lora": ["qlora"]}.get(request.method, []):
@@ -124,6 +127,24 @@ def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, p
             break
         seq //= 2
     return ideas
+
+
+def unpinned(request: PlanRequest) -> PlanRequest:
+    return replace(request, zero_stage=None, offload=None, micro_batch_size=None, gradient_checkpointing=None,
+                   kept=())
+
+
+def pin_cost(pinned: _Result, free: Plan) -> str:
+    """What the pins cost against the plan the planner would choose without them (predicted step time)."""
+    if not free.fits or free.predicted_step_seconds is None:
+        return "unpinned, nothing else would fit"
+    ratio = pinned.seconds / free.predicted_step_seconds
+    label = _words(free.zero_stage, free.offload, bool(free.zero_hpz_partition_size), free.gradient_checkpointing,
+                   free.micro_batch_size)
+    if ratio <= 1.0001:
+        return f"the pins cost nothing: unpinned, the planner would choose {label} too, or one as fast"
+    return (f"the pins cost {100 * (ratio - 1):.0f} % per step: unpinned, the planner would choose {label} "
+            f"(predicted {free.predicted_step_seconds:.3g} s/step vs {pinned.seconds:.3g})")
 
 
 def scaled(inventory: Inventory, factor: int) -> Inventory:

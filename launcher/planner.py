@@ -309,6 +309,8 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
         reasons += explain.explain(ctx, best, per_config)
         result.reason = f"fits: {explain.describe(best)}, {mem.fmt_bytes(best.parts['total'])} of " \
                         f"{mem.fmt_bytes(ctx.usable)} usable per {explain.unit(ctx)}"
+        if suggest and any(k not in request.kept for k in pins):
+            reasons.append(explain.pin_cost(best, plan(explain.unpinned(request), inventory, shape, suggest=False)))
     else:
         what = "the pinned plan" if pins else "the closest plan"
         result.reason = f"{what} ({explain.describe(closest)}) {explain.miss_reason(ctx, closest)}"

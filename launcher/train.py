@@ -273,6 +273,9 @@ def run(argv: list[str]) -> int:
 
     writable_dir(out, "output_dir")  # a file, a read-only place: one line now, not a traceback after the model loads
     ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=out, planned_from=inputs)
+    if cfg.plan.inventory:  # a recipe's what-if: `ftlaunch plan` uses it, a run has real hardware
+        ctx.start_notes.append(f"plan.inventory={cfg.plan.inventory} is for `ftlaunch plan`; this run plans for "
+                               f"what it has: {inputs.inventory.describe()}")
     module = importlib.import_module(f"recipes.{cfg.method}")  # one module per method
     try:
         code = _run(ctx, module, args, argv)

@@ -9,14 +9,6 @@ import re
 
 from launcher.errors import UserError
 
-# Batch geometry and precision come from the plan; a recipe's `training:` section may not contradict it.
-PLAN_OWNED = {"per_device_train_batch_size": "plan.micro_batch_size",
-              "gradient_accumulation_steps": "plan.global_batch_size (accumulation is derived)",
-              "gradient_checkpointing": "plan.gradient_checkpointing",
-              "activation_checkpointing": "plan.gradient_checkpointing", "deepspeed": "the planner (generated)",
-              "bf16": "the planner (precision)", "fp16": "the planner (precision)", "output_dir": "output_dir",
-              "seed": "seed", "use_cpu": "the planner (device)"}
-
 # Padding share of an unpacked SFT run's micro-batches above which the start lines suggest packing: over this much
 # of the compute goes to pad tokens (bench/packing.py: 62 % padding on skewed data, x1.17 real tokens/s packed).
 PACKING_ADVICE_SHARE = 0.25
@@ -39,10 +31,7 @@ def has_cuda() -> bool:
 
 def training_kwargs(ctx, **method_defaults) -> dict:
     """TrainingArguments values: plan first (batch, precision, ZeRO), then method defaults, then the recipe's own."""
-    cfg, plan = ctx.cfg, ctx.plan
-    for key in cfg.training:
-        if key in PLAN_OWNED:
-            raise UserError(f"training.{key}: set by {PLAN_OWNED[key]}, not in training:; remove it")
+    cfg, plan = ctx.cfg, ctx.plan  # training.* keys the plan owns were refused when the recipe loaded
     from launcher.ds_config import gradient_clipping, training_args_overrides
 
     kw = dict(

@@ -718,3 +718,42 @@ def test_cmd_plan_recipe_pins_and_ds_config(capsys):
     # the printed JSON is the one the run writes: it carries the recipe's clipping, not the default
     assert cmd_plan(["--recipe", "sft_tiny", "--inventory", "2xcpu", "--json", "training.max_grad_norm=0.3"]) == 0
     assert json.loads(capsys.readouterr().out)["deepspeed_config"]["gradient_clipping"] == 0.3
+
+
+def test_cmd_plan_answers_the_question_asked(capsys, tmp_path):
+    """--model-only flags beside a recipe are refused rather than silently ignored; --ds-config plans the launched
+    run its JSON is for (a plan for one plain process has no DeepSpeed JSON); --hostfile plans for the file's
+    nodes."""
+    import json
+
+    from launcher.plan_cmd import cmd_inventory, cmd_plan
+
+    with pytest.raises(UserError, match="--method applies with --model"):
+        cmd_plan(["--recipe", "lora_tiny", "--method", "full"])
+    one_gpu = ["--model", "llama-3-8b", "--method", "full", "--seq-len", "1024", "--inventory", "1xH100-80GB"]
+    assert cmd_plan([*one_gpu, "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["single_process"] and single["deepspeed_config"] is None
+    assert cmd_plan([*one_gpu, "--ds-config"]) == cmd_plan([*one_gpu, "--deepspeed"]) == 3  # fp32 masters
+    capsys.readouterr()
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("n1 slots=4\nn2 slots=4\n")
+    assert cmd_inventory(["--hostfile", str(hostfile), "--json"]) == 0
+    seen = json.loads(capsys.readouterr().out)
+    assert (seen["nodes"], seen["ranks_per_node"], seen["source"]) == (2, 4, "hostfile")
+    assert cmd_plan(["--recipe", "lora_tiny", "--hostfile", str(hostfile), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["world_size"] == 8
+
+
+def test_a_pinned_plan_says_what_the_pins_cost():
+    from launcher.config import load_recipe
+
+    request = request_from_recipe(load_recipe("qlora_7b"))
+    free = plan(request, parse_spec("1xRTX3090-24GB"))
+    pinned = plan(replace(request, zero_stage=3), parse_spec("1xRTX3090-24GB"))
+    assert pinned.predicted_step_seconds > free.predicted_step_seconds
+    cost = next(r for r in pinned.reasons if r.startswith("the pins cost"))
+    assert f"micro-batch {free.micro_batch_size} (predicted {free.predicted_step_seconds:.3g} s/step" in cost
+    same = plan(replace(request, micro_batch_size=free.micro_batch_size), parse_spec("1xRTX3090-24GB"))
+    assert any(r.startswith("the pins cost nothing") for r in same.reasons)
+    assert not any("the pins cost" in r for r in free.reasons)
