@@ -164,7 +164,9 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
     nodes, gpus = (int(first), int(second)) if second is not None else (1, int(first))
     if nodes < 1 or gpus < 1:
         raise bad
-    key = canonical_gpu_name(name)
+    key, typed = canonical_gpu_name(name), name.upper().replace("RTXA6000", "A6000")
+    if not (typed.startswith(key) and re.fullmatch(r"(SXM\d?|PCIE|NVL)?", typed[len(key):])):
+        key = name  # 'A10O' is a typo, not an A10: an unknown card (with a did-you-mean note)
     model = GPU_CATALOGUE.get(key)
     notes = []
     if mem is None:
@@ -177,6 +179,9 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
             raise bad
     total = int(mem_gib * GiB)
     reported = dict(model.memory).get(mem_gib) if model else None
+    if model and not reported:
+        sold = " or ".join(f"{gb} GB" for gb, _ in model.memory)
+        notes.append(f"{key} is sold with {sold}, not {mem_gib:g}: planned with {mem_gib:g} GiB as given")
     if reported:
         total = reported * 2 ** 20
         notes.append(f"{key} {mem_gib:g}GB reports {reported} MiB ({total / GiB:.1f} GiB) through NVML: planned with that")

@@ -184,3 +184,13 @@ def test_inventory_json_is_plain():
     data = parse_spec("2x8xA100-80GB").to_json()
     json.dumps(data)
     assert data["world_size"] == 16 and data["device"] == "cuda"
+
+
+def test_spec_typos_and_odd_sizes_are_said():
+    """A misspelt card is an unknown one (with a did-you-mean note), not the catalogue card its name starts with;
+    a size the card is not sold with is planned as given, and the plan says so."""
+    typo = parse_spec("8xA10O-80GB")
+    assert typo.gpu.name == "A10O" and any("not in the catalogue (did you mean A10" in n for n in typo.notes)
+    assert parse_spec("8xH100SXM-80GB").gpu.name == "H100"
+    odd = parse_spec("1xRTX3090-80GB")
+    assert odd.gpu.total_bytes == 80 * GiB and any("sold with 24 GB, not 80" in n for n in odd.notes)
