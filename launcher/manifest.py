@@ -84,6 +84,14 @@ def read_manifest(output_dir: Path) -> dict | None:
         return None
 
 
+def replayable_command(argv: list[str]) -> list[str]:
+    """The command as typed: `ftlaunch run ...` keeps its sub-command; a launcher's per-rank --local_rank is dropped
+    (the manifest's world_size says how many ranks ran)."""
+    program = sys.argv[0]
+    sub_command = ["run"] if Path(program).name == "ftlaunch" else []
+    return [program, *sub_command, *(a for a in argv if not a.startswith(("--local_rank", "--local-rank")))]
+
+
 def write_manifest(output_dir: Path, cfg, plan, argv: list[str], status: str, world_size: int) -> None:
     from launcher.config import to_yaml_dict
 
@@ -94,7 +102,7 @@ def write_manifest(output_dir: Path, cfg, plan, argv: list[str], status: str, wo
         "status": status,
         "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": [sys.argv[0], *argv],
+        "command": replayable_command(argv),
         "seed": cfg.seed,
         "world_size": world_size,
         "git_revision": _git_revision(),

@@ -134,6 +134,18 @@ def test_redaction_hits_secret_keys_only(monkeypatch):
     assert got["note"] == "key *** here", "an environment secret is scrubbed wherever it appears"
 
 
+def test_manifest_command_can_be_run_again(monkeypatch):
+    """`ftlaunch run ...` is recorded with its sub-command; a launcher's per-rank --local_rank is not."""
+    from launcher.manifest import replayable_command
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/ftlaunch", "run", "--recipe", "lora_tiny"])
+    assert replayable_command(["--recipe", "lora_tiny", "seed=1"]) == ["/venv/bin/ftlaunch", "run", "--recipe",
+                                                                       "lora_tiny", "seed=1"]
+    monkeypatch.setattr("sys.argv", ["launcher/run.py", "--local_rank=1", "--recipe", "lora_tiny"])
+    assert replayable_command(["--local_rank=1", "--recipe", "lora_tiny"]) == ["launcher/run.py", "--recipe",
+                                                                               "lora_tiny"]
+
+
 def test_secret_overrides_are_refused(tmp_path, capsys):
     """A token on the command line would be pickled into every checkpoint's training_args.bin: refused, exit 2."""
     for override in (f"training.hub_token={HF}", f"rm.hf_token={HF}", f"description={HF}"):
