@@ -380,7 +380,9 @@ def load_recipe(name: Optional[str] = None, config_path: Optional[str] = None,
         raw = safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not valid YAML ({first})") from None
+        mark = getattr(e, "problem_mark", None)  # where the parser stopped: 0-based line and column
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML{where} ({first})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -103,7 +103,12 @@ def _read_file(path: Path):
 
     if path.suffix.lower() != ".parquet":
         check_utf8(path)
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty; point data.source at a file with training examples")
     builder = FILE_BUILDERS[path.suffix.lower()]
+    logger = datasets.utils.logging.get_logger("datasets.packaged_modules.json.json")
+    level = logger.level
+    logger.setLevel(datasets.logging.CRITICAL)  # it logs the parse error too: our one line says it, with the line
     try:
         # The datasets cache is keyed on the file (path, size, mtime) and the ops applied, so a re-run with an
         # unchanged file reuses the Arrow files and every map/filter below, including tokenisation.
@@ -113,6 +118,8 @@ def _read_file(path: Path):
         reason = detail or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{path}: could not be read as {path.suffix} ({reason}); fix the file or convert it to "
                         f"JSON Lines (one object per line)") from None
+    finally:
+        logger.setLevel(level)
     if len(ds) == 0:
         raise UserError(f"{path}: the file has no rows; point data.source at a file with training examples")
     return ds

@@ -128,7 +128,7 @@ BAD_RUNS = [
     ("grad_norm_abort_negative", "lora_tiny", ["safety.max_grad_norm_abort=-1"], None,
      ["safety.max_grad_norm_abort"]),
     ("data_missing_file", "lora_tiny", [], "missing_file", ["nope.jsonl: file not found"]),
-    ("data_empty", "lora_tiny", [], "empty", ["empty.jsonl"]),
+    ("data_empty", "lora_tiny", [], "empty", ["empty.jsonl: the file is empty"]),
     ("data_row_missing_field", "lora_tiny", [], "missing_field", ["rows.jsonl row 3", "'completion'"]),
     ("data_non_utf8", "lora_tiny", [], "non_utf8", ["latin.jsonl line 2", "not valid UTF-8"]),
     ("data_identical_preference", "dpo_tiny", [], "identical_pair", ["pairs.jsonl row 2", "identical"]),

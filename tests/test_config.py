@@ -64,7 +64,7 @@ def test_user_config_file_and_bad_yaml(tmp_path):
     assert load_recipe(config_path=str(good)).training == {"max_steps": 3}
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: sft\n  model: [\n")
-    with pytest.raises(UserError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not valid YAML at line 2"):  # where the parser stopped
         load_recipe(config_path=str(bad))
     with pytest.raises(UserError, match="file not found"):
         load_recipe(config_path=str(tmp_path / "missing.yaml"))

@@ -332,7 +332,7 @@ def test_empty_prompt_for_prompts_kind(tmp_path):
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("", encoding="utf-8")
-    with pytest.raises(UserError, match="empty.jsonl"):
+    with pytest.raises(UserError, match="empty.jsonl: the file is empty"):
         load_data(cfg(source=str(path)), "sft")
 
 
