@@ -156,7 +156,8 @@ def render_plan(plan) -> str:
     host_cap = f" of {fmt_bytes(plan.host_capacity_bytes)} usable" if plan.host_capacity_bytes else ""
     lines.append(f"host RAM per node: {fmt_bytes(plan.host_bytes_per_node)}{host_cap}")
     if plan.predicted_step_seconds is not None:
-        lines.append(f"predicted step time (relative): {plan.predicted_step_seconds:.3g} s")
+        lines.append(f"predicted step time: {plan.predicted_step_seconds:.3g} s (the cost model's, to compare plans; not "
+                     f"a measurement)")
     if len(plan.models) > 1:
         lines.append("\nmodels (per rank):")
         for role, info in plan.models.items():

@@ -258,7 +258,7 @@ def print_summary(ctx, trainer, metrics: dict) -> None:
     table.add_column("value", justify="right")
     table.add_row("steps", str(metrics["global_step"]))
     table.add_row("ranks (trainer world size)", str(metrics["world_size"]))
-    table.add_row("train loss first -> last", f"{_fmt(metrics['train_loss_first'])} -> {_fmt(metrics['train_loss_last'])}")
+    table.add_row("train loss, first -> last step", f"{_fmt(metrics['train_loss_first'])} -> {_fmt(metrics['train_loss_last'])}")
     for key, value in metrics["eval"].items():
         if key in ("eval_loss", "eval_mean_token_accuracy", "eval_accuracy", "eval_f1_macro"):
             table.add_row(key.replace("_", " "), _fmt(value))
