@@ -342,7 +342,9 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         write_run_files(ctx, argv, trainer)
         common.print_start(ctx, trainer, resume)
     before = evaluate(evaluator, "before") if (evaluator and env.is_main and resume is None) else None
-    if before is None and previous:
+    if before is not None:  # kept now, so a run that is preempted and resumed still reports its baseline
+        update_manifest(out, metrics={"before": before})
+    elif previous:
         before = (previous.get("metrics") or {}).get("before")
 
     try:

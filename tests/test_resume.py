@@ -240,6 +240,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, capsys):
     assert "skipping incomplete checkpoint-3" in captured.err and f"resuming from {out / 'checkpoint-2'}" in captured.out
     m = manifest(out)
     assert m["status"] == "finished" and m["metrics"]["global_step"] == 4 and m["attempts"] == 2
+    assert m["metrics"]["before"]["n"] == 1, "the first attempt's baseline evaluation survives the kill"
     assert [p.name for p in ck.checkpoints(out)] == ["checkpoint-4"] and ck.is_complete(out / "checkpoint-4")
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4], "per-step health checks"
