@@ -48,8 +48,8 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def writable_dir(path, field: str) -> bool:
-    """Create directory `path` if needed and prove it writable, or raise a UserError naming `field` (nothing left
-    behind). Returns whether it was created here."""
+    """Create directory `path` if needed and prove it writable, or raise a UserError naming `field` (a directory
+    created here for the probe is removed again). Returns whether it was created here."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{field}: {path} exists and is not a directory; choose another {field}")

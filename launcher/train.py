@@ -201,18 +201,15 @@ def quiet_known_noise(verbose: bool) -> None:
     (`run` hides one notice always, before anything imports bitsandbytes: its CPU backend warns, on CPUs with
     AVX512-BF16, that the optional hub package `kernels` is absent -- it could not be fetched offline anyway and the
     built-in kernel is used -- and a bad-input error must stay one line.) Per-map progress bars of datasets/TRL
-    preprocessing and transformers' weight loading, and the deprecation notice for `gradient_checkpointing` (the
-    name TRL 1.12 configs still use), drown the one progress line per logging step that ProgressPrinter writes."""
+    preprocessing and transformers' weight loading drown the one progress line per logging step that
+    ProgressPrinter writes."""
     if verbose:
         return
-    import warnings
-
     import datasets
     from transformers.utils import logging as hf_logging
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 def quiet_other_ranks(env: DistEnv, verbose: bool) -> None:
