@@ -202,7 +202,8 @@ def quiet_known_noise(verbose: bool) -> None:
     AVX512-BF16, that the optional hub package `kernels` is absent -- it could not be fetched offline anyway and the
     built-in kernel is used -- and a bad-input error must stay one line.) Per-map progress bars of datasets/TRL
     preprocessing and transformers' weight loading drown the one progress line per logging step that
-    ProgressPrinter writes."""
+    ProgressPrinter writes; transformers >= 5.25 tells every SFT run that TRL 1.12's chunked-loss output still
+    names its cache `past_key_values`, which nobody running ftlaunch can act on."""
     if verbose:
         return
     import datasets
@@ -210,6 +211,8 @@ def quiet_known_noise(verbose: bool) -> None:
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
+    hf_logging.get_logger("transformers.utils.generic").addFilter(
+        lambda record: "`past_key_values`/`cache_params` are deprecated" not in record.getMessage())
 
 
 def quiet_other_ranks(env: DistEnv, verbose: bool) -> None:
