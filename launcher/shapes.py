@@ -2,6 +2,8 @@
 
 Parameter counts are exact for Llama-style decoders (embeddings, attention with optional q/k/v bias, gated MLP,
 RMSNorms, untied lm_head) and close for BERT-like encoders; tests pin the cards to their published sizes.
+Everything is pure except `resolve_shape`, the edge where a local path's config.json is read; the planner itself
+only ever sees the resulting ModelShape.
 """
 from __future__ import annotations
 

@@ -187,3 +187,14 @@ def test_planner_shape_of_tiny_is_the_model_the_builder_builds():
         assert shape.num_params == sum(p.numel() for p in model.parameters())
     with pytest.raises(UserError, match="TinyLlama-1.1B-Chat-v1.0': shape unknown offline"):
         resolve_shape("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+
+
+def test_every_packaged_model_has_a_planner_shape():
+    """The planner knows each packaged model's shape by both of its names (launcher/shapes.PACKAGED), and names no
+    package the loader does not know: the two tables cannot drift apart unnoticed."""
+    from launcher.shapes import PACKAGED, resolve_shape
+
+    names = {name for p in model_source._REGISTRY for name in (p.alias, f"pkg:{p.package}")}
+    assert set(PACKAGED) == names
+    for name in names:
+        assert resolve_shape(name).num_params > 0
