@@ -70,10 +70,15 @@ class ProgressPrinter(TrainerCallback):
         self.start_step = 0
         self.start_tokens = 0
         self.losses = []
+        self.first_step_done = None  # (time, step) after the first step: warm-up excluded from the ETA
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_step = time.time(), state.global_step
         self.start_tokens = getattr(state, "num_input_tokens_seen", 0) or 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step_done is None:
+            self.first_step_done = (time.time(), state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.enabled or not logs or "loss" not in logs or self.start is None:
@@ -89,15 +94,16 @@ class ProgressPrinter(TrainerCallback):
         loss = sum(self.losses) / len(self.losses)
         self.losses = []
         elapsed = max(time.time() - self.start, 1e-6)
-        done = state.global_step - self.start_step
         parts = [f"step {state.global_step}/{state.max_steps}", f"loss {loss:.4f}"]
         if "learning_rate" in logs:
             parts.append(f"lr {logs['learning_rate']:.2e}")
         tokens = (getattr(state, "num_input_tokens_seen", 0) or 0) - self.start_tokens
         if tokens > 0:
             parts.append(f"{tokens / elapsed:,.0f} tok/s")
-        if done > 0 and state.max_steps:
-            eta = (state.max_steps - state.global_step) * elapsed / done
+        if self.first_step_done and state.global_step > self.first_step_done[1] and state.max_steps:
+            # from the steps after the first: its data loading, allocations and kernel choices are one-off
+            since, step = self.first_step_done
+            eta = (state.max_steps - state.global_step) * (time.time() - since) / (state.global_step - step)
             parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
         memory = _gpu_memory()
         if memory:
