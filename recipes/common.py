@@ -116,6 +116,12 @@ def make_args(config_cls, kwargs: dict):
         kind = fields[key].type  # a class, or a string such as 'float | None'
         _check_training_value(key, value, kind.__name__ if isinstance(kind, type) else str(kind))
     _check_report_to(kwargs.get("report_to"))
+    if kwargs.get("use_liger_kernel"):
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:  # the Trainer would fail only after loading the model
+            raise UserError("training.use_liger_kernel: liger-kernel is not installed (it needs triton, i.e. a GPU); "
+                            "pip install liger-kernel, or remove the key")
     try:
         return config_cls(**kwargs)
     except (ValueError, TypeError) as e:

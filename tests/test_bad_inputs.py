@@ -227,6 +227,14 @@ def test_report_to_a_logger_that_is_not_installed(tmp_path, capsys):
     assert_clean_failure(code, capsys.readouterr().err, out, f"training.report_to: {missing} not installed here")
 
 
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("liger_kernel") is not None,
+                    reason="liger-kernel is installed here")
+def test_liger_without_liger_kernel(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "training.use_liger_kernel=true")
+    assert_clean_failure(code, capsys.readouterr().err, out, "training.use_liger_kernel: liger-kernel is not installed")
+
+
 def test_existing_output_dir_is_left_alone_on_bad_input(tmp_path, capsys):
     """A bad override against an existing run directory must not delete or touch it."""
     out = tmp_path / "out"
