@@ -145,6 +145,7 @@ def load_model(cfg, plan, path: str, auto_class=None, **kwargs):
     auto_class = auto_class or AutoModelForCausalLM
     quant = quantization_config(cfg, plan)
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    _check_attention_installed(cfg.model.attn_implementation)
     with loading("model.name", cfg.model.name):
         model = from_pretrained(auto_class, path, quant,
                                 dtype=torch_dtype(cfg, plan, trained_full=cfg.peft.method == "none" and quant is None),
@@ -175,6 +176,18 @@ def check_lora_targets(cfg, model) -> None:
                          if isinstance(m, torch.nn.Linear) or type(m).__name__.startswith("Linear")})
         raise UserError(f"peft.target_modules: {', '.join(map(repr, missing))} not in this model; its linear layers: "
                         f"{', '.join(linear)} (or all-linear)")
+
+
+def _check_attention_installed(name) -> None:
+    """flash-attention is a separate (GPU-only) package: say so in one line before the load fails on it."""
+    import importlib.util
+
+    from launcher.config_checks import ATTENTION
+
+    module = ATTENTION.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        raise UserError(f"model.attn_implementation: {name} needs the {module} package, not installed here (GPU "
+                        f"only); install it, or use sdpa (the default)")
 
 
 def from_pretrained(auto_class, path: str, quant=None, **kwargs):

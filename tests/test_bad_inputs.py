@@ -100,6 +100,8 @@ BAD_RUNS = [
     ("training_value_type", "lora_tiny", ["training.weight_decay=abc"], None,
      ["training.weight_decay: expected a number, got 'abc'"]),
     ("training_value_range", "lora_tiny", ["training.save_steps=-1"], None, ["training.save_steps: must be > 0"]),
+    ("attention_unknown", "lora_tiny", ["model.attn_implementation=fast"], None,
+     ["model.attn_implementation: 'fast' is not one of sdpa"]),
     ("lora_target_not_in_model", "lora_tiny", ["peft.target_modules=[foo_proj]"], None,
      ["peft.target_modules: 'foo_proj' not in this model", "q_proj"]),
     ("range_max_steps", "lora_tiny", ["training.max_steps=0"], None, ["training.max_steps: must be a positive"]),
