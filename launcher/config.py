@@ -172,7 +172,7 @@ def parse_scalar(text: str) -> Any:
     """`key=value` values are YAML scalars: 1e-4, true, null, [a, b] all mean what they say."""
     try:
         return safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # not YAML, or a float PyYAML cannot convert ("._"): the text itself
         return text
 
 

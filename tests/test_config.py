@@ -23,6 +23,8 @@ def test_overrides_are_typed_yaml_scalars():
                                                "plan.zero_stage=null", "output_dir=/tmp/x", "data.packing=true"])
     assert cfg.training["max_steps"] == 7 and cfg.training["learning_rate"] == 1e-4
     assert cfg.peft.r == 32 and cfg.plan.zero_stage is None and cfg.output_dir == "/tmp/x" and cfg.data.packing
+    # text PyYAML takes for a float and then cannot convert stays text (the fuzz tests found "._")
+    assert load_recipe("lora_tiny", overrides=["description=._"]).description == "._"
 
 
 @pytest.mark.parametrize("recipe,overrides,expected", [
