@@ -136,8 +136,12 @@ def render_plan(plan) -> str:
     """Human view: decision, per-rank breakdown against capacity, reasons, rejected alternatives."""
     unit = "GPU" if plan.device == "cuda" else "CPU rank"
     m = plan.model
-    lines = [f"plan: {plan.method} of {m.get('name')} ({m.get('params', 0) / 1e9:.2f}B params, "
-             f"{m.get('trainable_params', 0) / 1e6:.1f}M trainable) on {m.get('inventory')}",
+    trainable = f"{m.get('trainable_params', 0) / 1e6:.1f}M trainable"
+    others = sum(x.get("trainable_params", 0) for role, x in plan.models.items() if role != "policy")
+    if others:  # PPO's value model trains too
+        trainable += f" + {others / 1e6:.1f}M in the other models"
+    lines = [f"plan: {plan.method} of {m.get('name')} ({m.get('params', 0) / 1e9:.2f}B params, {trainable}) on "
+             f"{m.get('inventory')}",
              f"seq_len {plan.seq_len}, global batch {plan.global_batch_size}, precision {plan.precision}", ""]
     offload = {"none": "no offload", "optimizer": "optimizer offloaded to CPU",
                "all": "optimizer and parameters offloaded to CPU"}[plan.offload]
