@@ -20,6 +20,7 @@ from launcher.errors import UserError
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 METHODS = ("sft", "qlora", "rm", "ppo", "dpo", "grpo", "classify")
+RUNS_DIR = "runs"  # where runs go unless output_dir says otherwise
 
 
 @dataclass
@@ -305,7 +306,7 @@ def load_recipe(name: Optional[str] = None, config_path: Optional[str] = None,
     if cfg.method == "qlora":
         cfg.quant.load_in_4bit = True
     if not cfg.output_dir:
-        cfg.output_dir = str(Path("runs") / cfg.name)
+        cfg.output_dir = str(Path(RUNS_DIR) / cfg.name)
     from launcher.config_checks import check_recipe
 
     check_recipe(cfg)

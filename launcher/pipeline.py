@@ -168,7 +168,7 @@ def _stage_summary(manifest: dict) -> str:
 
 
 def cmd_pipeline(argv: list[str]) -> int:
-    from launcher.config import load_recipe
+    from launcher.config import RUNS_DIR, load_recipe
     from launcher.manifest import read_manifest
 
     args = parse_args(argv)
@@ -176,7 +176,7 @@ def cmd_pipeline(argv: list[str]) -> int:
     stages = load_stages(cfg)
     names = [s["name"] for s in stages]
     common_overrides, per_stage = split_cli_overrides(args.overrides, names)
-    root = Path(args.output_dir or cfg.section("pipeline").get("output_dir") or Path("runs") / cfg.name)
+    root = Path(args.output_dir or cfg.section("pipeline").get("output_dir") or Path(RUNS_DIR) / cfg.name)
     outputs = {s["name"]: root / s["name"] for s in stages}
     prefix = launcher_prefix(args)
     env = stage_env(args)

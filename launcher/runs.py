@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from launcher.checkpoints import newest_complete_checkpoint
+from launcher.config import RUNS_DIR
 from launcher.errors import ArgParser, UserError
 
 
@@ -39,7 +40,7 @@ def cmd_runs(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.dir is not None and not Path(args.dir).is_dir():  # the default may not exist yet: no runs
         raise UserError(f"ftlaunch runs: {args.dir} is not a directory")
-    args.dir = args.dir or "runs"
+    args.dir = args.dir or RUNS_DIR
     rows = find_runs(Path(args.dir))
     if args.json:
         print(json.dumps(rows, indent=2))

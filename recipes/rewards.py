@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from launcher.config import RUNS_DIR
 from launcher.errors import UserError
 from recipes import synthetic
 from recipes.builder import is_adapter_dir, loading, merged_dir
@@ -54,8 +55,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", as the hub s
 
 def is_hub_id(value: str) -> bool:
     """`org/name` that is not a local directory: from_pretrained looks it up on the hub (or its offline cache), as
-    transformers itself decides. `runs/rlhf/rm` or `./rm` stay paths, and a missing one fails naming the field."""
-    return bool(HUB_ID.match(value)) and not Path(value).exists()
+    transformers itself decides. `runs/rm`, `runs/rlhf/rm`, `./rm` or `data/rm` (an existing folder) stay paths, and
+    a missing one fails at once naming the field (not after a minute of hub retries)."""
+    first = value.split("/", 1)[0]
+    return bool(HUB_ID.match(value)) and not Path(value).exists() and first != RUNS_DIR and not Path(first).is_dir()
 
 
 def looks_like_path(value: str) -> bool:

@@ -337,3 +337,12 @@ def test_ppo_missing_reward_model_exit_2(tmp_path):
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("ftlaunch: error")]
     assert len(lines) == 1 and "ppo.reward_model" in lines[0] and str(missing) in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_two_part_run_paths_are_not_hub_ids():
+    """`runs/rm_tiny` (the recipes' own default, before rm_tiny has run) or `tests/x` (an existing folder) name
+    local directories; looking them up on the hub cost a minute of retries offline and the wrong advice."""
+    from recipes.rewards import is_hub_id
+
+    assert not is_hub_id("runs/rm_tiny") and not is_hub_id("tests/not-there")
+    assert is_hub_id("OpenAssistant/reward-model-deberta-v3-large")
