@@ -155,6 +155,8 @@ def _prepare(raw: RawSource, kind, fmt_name, label_map, tokenizer, max_length, t
     for label, ds in pieces:
         ds = _handle_length(ds, kind, label or raw.name, tokenizer, max_length, too_long, stats)
         out.append(ds)
+    if len(out) > 1:  # the files of one directory: concatenated, so they must agree as separate sources do
+        _check_same_columns(out, [label for label, _ in pieces])
     train = _concat(out) if out else None
     if held is not None:
         held = _handle_length(held, kind, raw.name, tokenizer, max_length, too_long, stats)

@@ -311,6 +311,11 @@ def test_csv_json_parquet_and_directory(tmp_path):
     pd.DataFrame([{"prompt": "4+4=", "completion": "8"}]).to_parquet(folder / "c.parquet")
     bundle = load_data(cfg(source=str(folder), eval_ratio=0.0), "sft")
     assert sorted(bundle.train["completion"]) == ["2", "4", "6", "8"]  # CSV's inferred ints come back as text
+    # files of one directory in two layouts fail as two separate sources of different formats do
+    (folder / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "5+5="},
+                                                             {"role": "assistant", "content": "10"}]}) + "\n")
+    with pytest.raises(UserError, match=r"d\.jsonl' gives columns \['messages'\].*mix only sources of the same"):
+        load_data(cfg(source=str(folder), eval_ratio=0.0), "sft")
 
 
 # ---- bad input: one-line UserError naming the row / field / file -------------------------------------------------
