@@ -42,6 +42,32 @@ STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 REFERENCE = re.compile(r"\{([A-Za-z][A-Za-z0-9_-]*)\}")
 
 
+def _check_finished_stage_unchanged(name: str, out: Path, cfg) -> None:
+    """A finished stage is skipped; if its settings have changed since, skipping it would feed the next stages the
+    old model (a new reward model's settings, PPO on the old one): refuse, naming what changed."""
+    from launcher.config import to_yaml_dict
+    from launcher.manifest import read_manifest
+
+    manifest = read_manifest(out) or {}
+    if manifest.get("status") != "finished" or not isinstance(manifest.get("config"), dict):
+        return
+    before, now = _flat(manifest["config"]), _flat(to_yaml_dict(cfg))
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and "***" not in (str(before.get(k)), str(now.get(k)))]
+    if changed:
+        raise UserError(f"pipeline stage '{name}': {out} finished with other settings ({'; '.join(changed[:3])}"
+                        f"{' ...' if len(changed) > 3 else ''}); remove {out} to train it again, or drop the change")
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def parse_args(argv: list[str]):
     parser = ArgParser(prog="ftlaunch pipeline",
                                      description="Run a chained recipe (each stage consumes the previous outputs).")
@@ -187,9 +213,10 @@ def cmd_pipeline(argv: list[str]) -> int:
         overrides = [REFERENCE.sub(lambda m: str(outputs[m.group(1)]), o) for o in stage["overrides"]]
         overrides += common_overrides + per_stage[stage["name"]] + [f"output_dir={outputs[stage['name']]}"]
         try:
-            load_recipe(stage["recipe"], stage["config"], overrides)
+            stage_cfg = load_recipe(stage["recipe"], stage["config"], overrides)
         except UserError as e:
             raise UserError(f"pipeline stage '{stage['name']}': {e}") from None
+        _check_finished_stage_unchanged(stage["name"], outputs[stage["name"]], stage_cfg)
         source = ["--recipe", stage["recipe"]] if stage["recipe"] else ["--config", stage["config"]]
         commands.append((stage, [*prefix, str(RUN_SCRIPT), *source, *overrides] + (["--debug"] if args.debug else [])))
 

@@ -15,11 +15,12 @@ from launcher.errors import UserError
 from recipes import builder, common
 
 DATA_KIND = "classification"
+ARGS_CLASS = "transformers:TrainingArguments"  # its TrainingArguments class (checked before a run starts)
 
 
 def build(ctx):
     from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, EarlyStoppingCallback,
-                              Trainer, TrainingArguments)
+                              Trainer)
 
 
     cfg = ctx.cfg
@@ -58,7 +59,7 @@ def build(ctx):
                            metric_for_best_model=best_metric if has_eval else None,
                            greater_is_better=True, learning_rate=5e-5)
     kw = common.training_kwargs(ctx, **method_defaults)
-    args = common.make_args(TrainingArguments, kw)
+    args = common.make_args(common.args_class(ARGS_CLASS), kw)
     if args.load_best_model_at_end and args.save_steps % args.eval_steps:
         raise UserError(f"training.save_steps: with early stopping, checkpoints must land on evaluations; make it a "
                         f"multiple of classify.eval_steps ({args.eval_steps})")

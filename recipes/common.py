@@ -105,14 +105,29 @@ TRAINING_RANGES = {"save_steps": (0, False), "logging_steps": (0, False), "eval_
                    "num_train_epochs": (0, False), "warmup_steps": (0, True), "weight_decay": (0, True)}
 
 
-def make_args(config_cls, kwargs: dict):
-    """Build a TRL/HF config; unknown or invalid `training.*` keys become one-line errors."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    for key, value in kwargs.items():
+def args_class(name: str):
+    """'module:Class' -> the class (a recipe's ARGS_CLASS)."""
+    import importlib
+
+    module, _, cls = name.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_training_keys(training: dict, config_cls) -> None:
+    """Every `training.*` key names a field of the recipe's TrainingArguments class (did-you-mean otherwise)."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key in training:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
             hint = f" (did you mean 'training.{close[0]}'?)" if close else ""
             raise UserError(f"unknown config key 'training.{key}' for {config_cls.__name__}{hint}")
+
+
+def make_args(config_cls, kwargs: dict):
+    """Build a TRL/HF config; unknown or invalid `training.*` keys become one-line errors."""
+    check_training_keys(kwargs, config_cls)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for key, value in kwargs.items():
         kind = fields[key].type  # a class, or a string such as 'float | None'
         _check_training_value(key, value, kind.__name__ if isinstance(kind, type) else str(kind))
     _check_report_to(kwargs.get("report_to"))

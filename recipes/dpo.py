@@ -10,10 +10,11 @@ from __future__ import annotations
 from recipes import builder, common
 
 DATA_KIND = "preference"
+ARGS_CLASS = "trl:DPOConfig"  # its TrainingArguments class (checked before a run starts)
 
 
 def build(ctx):
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     cfg = ctx.cfg
     section = cfg.section("dpo")
@@ -24,7 +25,7 @@ def build(ctx):
     if section.get("loss_type"):
         loss = section["loss_type"]
         method_defaults["loss_type"] = loss if isinstance(loss, list) else [loss]
-    args = common.make_args(DPOConfig, common.training_kwargs(ctx, **method_defaults))
+    args = common.make_args(common.args_class(ARGS_CLASS), common.training_kwargs(ctx, **method_defaults))
     model = builder.load_model(cfg, plan, path)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=bundle.train,
                          eval_dataset=bundle.eval if has_eval else None, processing_class=tokenizer,

@@ -19,10 +19,11 @@ from launcher.recipe_request import generated_tokens, grpo_beta
 from recipes import builder, common, rewards
 
 DATA_KIND = "prompts"
+ARGS_CLASS = "trl:GRPOConfig"  # its TrainingArguments class (checked before a run starts)
 
 
 def build(ctx):
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     cfg = ctx.cfg
     section = cfg.section("grpo")
@@ -55,7 +56,7 @@ def build(ctx):
     for key in ("loss_type", "scale_rewards", "reward_weights"):
         if key in section:
             method_defaults[key] = section[key]
-    args = common.make_args(GRPOConfig, common.training_kwargs(ctx, **method_defaults))
+    args = common.make_args(common.args_class(ARGS_CLASS), common.training_kwargs(ctx, **method_defaults))
     model = builder.load_model(cfg, plan, path)
     trainer = GRPOTrainer(model=model, reward_funcs=list(reward_fns.values()), args=args,
                           train_dataset=bundle.train, processing_class=tokenizer,

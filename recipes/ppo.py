@@ -34,6 +34,7 @@ from recipes import builder, common, rewards
 RESUMES = False  # TRL's PPOTrainer has no resume: launcher/train.py neither checks nor converts a checkpoint
 
 DATA_KIND = "prompts"
+ARGS_CLASS = "trl.experimental.ppo:PPOConfig"  # its TrainingArguments class (checked before a run starts)
 
 
 def policy_path(cfg) -> str:
@@ -132,7 +133,6 @@ def build(ctx):
     from transformers import AutoModelForSequenceClassification
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from trl.experimental.ppo import PPOConfig
 
     cfg = ctx.cfg
     section = cfg.section("ppo")
@@ -173,7 +173,7 @@ def build(ctx):
     if rollout_batch % kw["num_mini_batches"] or (rollout_batch // ctx.env.world_size) % kw["num_mini_batches"]:
         raise UserError(f"ppo.num_mini_batches: {kw['num_mini_batches']} must divide the per-rank rollout batch "
                         f"({rollout_batch // ctx.env.world_size})")
-    args = common.make_args(PPOConfig, kw)
+    args = common.make_args(common.args_class(ARGS_CLASS), kw)
     args.max_steps = max_steps or -1
 
     peft_cfg = builder.peft_config(cfg)

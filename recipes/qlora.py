@@ -9,4 +9,5 @@ from __future__ import annotations
 from recipes import sft
 
 DATA_KIND = sft.DATA_KIND
+ARGS_CLASS = sft.ARGS_CLASS
 build = sft.build

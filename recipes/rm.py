@@ -9,11 +9,12 @@ from __future__ import annotations
 from recipes import builder, common, rewards
 
 DATA_KIND = "preference"
+ARGS_CLASS = "trl:RewardConfig"  # its TrainingArguments class (checked before a run starts)
 
 
 def build(ctx):
     from transformers import AutoModelForSequenceClassification
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardTrainer
 
     cfg = ctx.cfg
     section = cfg.section("rm")
@@ -23,7 +24,7 @@ def build(ctx):
     method_defaults = dict(max_length=cfg.data.max_length)
     if section.get("center_rewards_coefficient") is not None:
         method_defaults["center_rewards_coefficient"] = float(section["center_rewards_coefficient"])
-    args = common.make_args(RewardConfig, common.training_kwargs(ctx, **method_defaults))
+    args = common.make_args(common.args_class(ARGS_CLASS), common.training_kwargs(ctx, **method_defaults))
     model = builder.load_model(cfg, plan, path, auto_class=AutoModelForSequenceClassification, num_labels=1,
                                pad_token_id=tokenizer.pad_token_id)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -7,16 +7,17 @@ from __future__ import annotations
 from recipes import builder, common
 
 DATA_KIND = "sft"
+ARGS_CLASS = "trl:SFTConfig"  # its TrainingArguments class (checked before a run starts)
 
 
 def build(ctx):
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     cfg = ctx.cfg
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
     plan = ctx.plan  # fitted to the data by load_inputs
-    args = common.make_args(SFTConfig, common.training_kwargs(
+    args = common.make_args(common.args_class(ARGS_CLASS), common.training_kwargs(
         ctx, max_length=cfg.data.max_length, packing=cfg.data.packing))
     model = builder.load_model(cfg, plan, path)
     trainer = SFTTrainer(model=model, args=args, train_dataset=bundle.train,

@@ -45,6 +45,12 @@ def test_rlhf_tiny_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("already holds a finished run; skipped") == 3, again.stdout
     assert "launcher/run.py" not in again.stdout.replace("skipped", "")  # nothing launched
+    # a finished stage whose settings changed is not skipped silently (PPO would train on the old reward model)
+    changed = _pipeline_cli("rlhf_tiny", "--output-dir", str(root), *FAST, "rm:training.learning_rate=0.5",
+                            timeout=120)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert f"pipeline stage 'rm': {root / 'rm'} finished with other settings (training.learning_rate:" in \
+        changed.stderr
 
 
 def test_pipeline_dry_run_substitutes_stage_outputs(tmp_path, capsys):
