@@ -63,9 +63,19 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def readable_weights(path: Path) -> None:
+    """safetensors writes its files 0600 whatever the umask: give them the mode every other file gets (0644 under
+    the usual umask 022), so teammates on a shared cluster can read the weights the others can."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(path).rglob("*.safetensors"):
+        file.chmod(0o666 & ~umask)
+
+
 def mark_complete(path: Path, info: dict | None = None) -> None:
     """Flush every file of the checkpoint to disk, then write the marker atomically (tmp + fsync + rename)."""
     path = Path(path)
+    readable_weights(path)
     for root, dirs, files in os.walk(path):
         for name in files:
             _fsync_path(Path(root) / name)

@@ -377,6 +377,10 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
 
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(str(out))
+    if env.is_main:
+        from launcher.checkpoints import readable_weights
+
+        readable_weights(out)
     if env.is_main and getattr(trainer, "processing_class", None) is not None:
         trainer.processing_class.save_pretrained(str(out))
     after = evaluate(evaluator, "after") if (evaluator and env.is_main) else None

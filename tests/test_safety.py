@@ -184,6 +184,9 @@ def test_no_secret_reaches_the_output_dir_and_weights_are_safetensors(tmp_path, 
     weight_pickles = [n for n in names if re.search(r"(model|adapter)[^/]*\.(bin|pt|pth)$", n)]
     assert weight_pickles == [], weight_pickles
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # readable as every other file is (safetensors itself writes 0600, whatever the umask)
+    mode = (out / "recipe.yaml").stat().st_mode & 0o777
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*.safetensors")} == {mode}
 
 
 def _our_python_files():
