@@ -61,6 +61,10 @@ class HealthGuard(TrainerCallback):
         return control
 
 
+# What the RL and preference trainers log about their objective, and the word the progress line gives it.
+REWARD_KEYS = {"reward": "reward", "objective/scores": "score", "rewards/accuracies": "reward acc"}
+
+
 class ProgressPrinter(TrainerCallback):
     """Rank 0 prints one line per log: step, loss, learning rate, tokens/s, ETA (and GPU memory when there is one)."""
 
@@ -97,6 +101,9 @@ class ProgressPrinter(TrainerCallback):
         parts = [f"step {state.global_step}/{state.max_steps}", f"loss {loss:.4f}"]
         if "learning_rate" in logs:
             parts.append(f"lr {logs['learning_rate']:.2e}")
+        reward = next((k for k in REWARD_KEYS if k in logs), None)
+        if reward is not None:  # GRPO/PPO/DPO: the loss alone says little about how training goes
+            parts.append(f"{REWARD_KEYS[reward]} {logs[reward]:.3f}")
         tokens = (getattr(state, "num_input_tokens_seen", 0) or 0) - self.start_tokens
         if tokens > 0:
             parts.append(f"{tokens / elapsed:,.0f} tok/s")

@@ -52,6 +52,8 @@ def build(ctx):
         beta=grpo_beta(cfg),
         temperature=float(section.get("temperature", 1.0)),
         log_completions=False,
+        # GRPO's batches are prompts, not input_ids: the Trainer's token count only warns, once per step
+        include_num_input_tokens_seen=False,
     )
     for key in ("loss_type", "scale_rewards", "reward_weights"):
         if key in section:
