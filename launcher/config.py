@@ -301,6 +301,9 @@ def load_recipe(name: Optional[str] = None, config_path: Optional[str] = None,
         raise UserError(f"{path}: expected a mapping of keys at the top level")
     for item in overrides or []:
         apply_override(raw, item)
+    data = raw.get("data")
+    if isinstance(data, dict) and "path" in data:  # the shared contract's spelling (DESIGN.md) of data.source
+        data["source"] = data.pop("path")
     cfg = _build(RecipeConfig, raw, "")
     cfg.name = path.stem
     if cfg.method == "qlora":

@@ -23,6 +23,7 @@ def test_overrides_are_typed_yaml_scalars():
                                                "plan.zero_stage=null", "output_dir=/tmp/x", "data.packing=true"])
     assert cfg.training["max_steps"] == 7 and cfg.training["learning_rate"] == 1e-4
     assert cfg.peft.r == 32 and cfg.plan.zero_stage is None and cfg.output_dir == "/tmp/x" and cfg.data.packing
+    assert load_recipe("lora_tiny", overrides=["data.path=my.jsonl"]).data.source == "my.jsonl"  # DESIGN.md's name
     # text PyYAML takes for a float and then cannot convert stays text (the fuzz tests found "._")
     assert load_recipe("lora_tiny", overrides=["description=._"]).description == "._"
 
