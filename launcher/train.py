@@ -297,8 +297,9 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     previous = read_manifest(out)
     if previous and previous.get("status") == "finished" and args.resume != "never":
         if env.is_main:
-            print(f"ftlaunch: {out} already holds a finished run; nothing to do (use a new output_dir to train "
-                  f"again)")
+            print(f"ftlaunch: {out} already holds a finished run (step {previous.get('step', '?')}); nothing to do "
+                  f"(to train again use a new output_dir; to train this model further, start from it: "
+                  f"model.name={out} output_dir=NEW)")
         return 0
     quiet_known_noise(args.verbose)
     quiet_other_ranks(env, args.verbose)
