@@ -18,7 +18,7 @@ commands:
   slurm      render an sbatch script for a recipe
   check      pre-flight checks (all-reduce across ranks, /dev/shm, host RAM)
   export     merge a LoRA/QLoRA adapter into its base and write a full HF model
-  runs       list past runs with status, step and best eval
+  runs       list past runs with status, step and held-out score
 """
 
 # command -> (module, function taking argv and returning an exit code)

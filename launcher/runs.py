@@ -19,16 +19,19 @@ def find_runs(root: Path) -> list[dict]:
             continue
         metrics = data.get("metrics") or {}
         evals = metrics.get("eval") or {}
-        best = metrics.get("after") or {}
+        after = metrics.get("after") or {}
         step = data.get("step")
         if step is None:
             ckpt = newest_complete_checkpoint(manifest.parent)
             step = int(ckpt.name.split("-")[1]) if ckpt else 0
-        score = next((f"{k}={v:.3f}" for k, v in best.items() if isinstance(v, float)), None)
+        # the held-out score after training: the recipe's own metric where it names one (classify.metric: f1)
+        chosen = {"f1": "f1_macro"}.get(((data.get("config") or {}).get("classify") or {}).get("metric"))
+        keys = [chosen] if chosen in after else list(after)
+        score = next((f"{k}={after[k]:.3f}" for k in keys if isinstance(after[k], float)), None)
         if score is None and "eval_loss" in evals:
             score = f"eval_loss={evals['eval_loss']:.4f}"
         rows.append({"recipe": data.get("recipe"), "method": data.get("method"), "status": data.get("status"),
-                     "step": step, "best": score or "-", "updated": data.get("updated"),
+                     "step": step, "score": score or "-", "updated": data.get("updated"),
                      "path": str(manifest.parent)})
     return rows
 
@@ -52,11 +55,11 @@ def cmd_runs(argv: list[str]) -> int:
     from rich.table import Table
 
     table = Table(title=f"runs under {args.dir}")
-    for column in ("recipe", "method", "status", "step", "best", "updated", "path"):
+    for column in ("recipe", "method", "status", "step", "score", "updated", "path"):
         table.add_column(column, overflow="fold")  # wrap, never cut a path or score to "…" on a narrow terminal
     for row in rows:
         shown = dict(row, updated=str(row["updated"] or "-")[:16].replace("T", " "))  # minutes are enough here
-        table.add_row(*(str(shown[c]) for c in ("recipe", "method", "status", "step", "best", "updated", "path")))
+        table.add_row(*(str(shown[c]) for c in ("recipe", "method", "status", "step", "score", "updated", "path")))
     # Piped output (grep, a file) gets full-width rows instead of rich's 80-column default.
     Console(width=None if sys.stdout.isatty() else 240).print(table)
     return 0

@@ -127,8 +127,19 @@ def test_runs_lists_status_step_and_score(runs, capsys):
     assert set(rows) == {"lora_tiny", "qlora_tiny", "rm_tiny"}
     for row in rows.values():
         assert row["status"] == "finished" and row["step"] == 6
-        assert row["best"].startswith("pairwise_accuracy=" if row["recipe"] == "rm_tiny" else "exact_match="), row
+        assert row["score"].startswith("pairwise_accuracy=" if row["recipe"] == "rm_tiny" else "exact_match="), row
     assert run_inprocess("runs", str(runs)) == 0
     assert "lora_tiny" in capsys.readouterr().out
     assert run_inprocess("runs", str(runs / "nope")) == 2  # a directory that is not there is a typo, not "no runs"
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_runs_score_is_the_recipes_own_metric(tmp_path):
+    from launcher.runs import find_runs
+
+    run = tmp_path / "cls"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({
+        "recipe": "cls_tiny", "method": "classify", "status": "finished", "step": 5,
+        "config": {"classify": {"metric": "f1"}}, "metrics": {"after": {"accuracy": 0.5, "f1_macro": 0.4}}}))
+    assert find_runs(tmp_path)[0]["score"] == "f1_macro=0.400"
