@@ -281,11 +281,15 @@ def print_summary(ctx, trainer, metrics: dict) -> None:
     table.add_row("ranks (trainer world size)", str(metrics["world_size"]))
     table.add_row("train loss, first -> last step", f"{_fmt(metrics['train_loss_first'])} -> {_fmt(metrics['train_loss_last'])}")
     for key, value in metrics["eval"].items():
-        if key in ("eval_loss", "eval_mean_token_accuracy", "eval_accuracy", "eval_f1_macro"):
+        if key in ("eval_loss", "eval_mean_token_accuracy", "eval_accuracy", "eval_f1_macro",
+                   "eval_rewards/accuracies", "eval_rewards/margins"):  # the last two: DPO's own
             table.add_row(key.replace("_", " "), _fmt(value))
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     for key in sorted(set(before) | set(after)):
         if key in ("samples", "n", "curve"):
+            continue
+        if key not in before and before:  # a training-time figure (PPO's first scores, final KL): no "before"
+            table.add_row(key.replace("_", " "), _fmt(after.get(key)))
             continue
         table.add_row(f"{key} before -> after", f"{_fmt(before.get(key))} -> {_fmt(after.get(key))}")
     for key, value in (metrics.get("data") or {}).items():
