@@ -190,6 +190,28 @@ def _check_attention_installed(name) -> None:
                         f"only); install it, or use sdpa (the default)")
 
 
+# The parameters a classification or reward head adds to a pretrained body: new by design, not a loading problem.
+NEW_HEAD_PREFIXES = ("score.", "classifier.", "pre_classifier.")
+
+
+def quiet_new_head_reports() -> None:
+    """transformers prints a LOAD REPORT table whenever weights are missing from a checkpoint, including the fresh
+    head of every reward model and classifier built on a causal LM or encoder (twice per run: before-evaluation and
+    training). Drop the report when the head is all that is missing; any other missing or unexpected key still
+    shows."""
+    from transformers.utils import logging as hf_logging
+
+    def only_new_head(record) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        rows = [[c.strip() for c in line.split("|")] for line in text.splitlines() if line.count("|") >= 2]
+        rows = [r for r in rows if r[0] not in ("Key", "") and not set(r[0]) <= {"-", "+"}]
+        return not rows or not all("MISSING" in r[1] and r[0].startswith(NEW_HEAD_PREFIXES) for r in rows)
+
+    hf_logging.get_logger("transformers.modeling_utils").addFilter(only_new_head)
+
+
 def from_pretrained(auto_class, path: str, quant=None, **kwargs):
     """`auto_class.from_pretrained`; a 4-bit model (`quant` given) gets its layers kept on one code path."""
     model = auto_class.from_pretrained(path, quantization_config=quant, **kwargs)
