@@ -392,5 +392,8 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         metrics = common.collect_metrics(trainer, result, eval_metrics, before, after, time.time() - started)
         metrics["data"] = ctx.stats
         update_manifest(out, status="finished", step=trainer.state.global_step, metrics=metrics)
+        from launcher.model_card import write_model_card
+
+        write_model_card(out, ctx.cfg, ctx.plan, metrics)  # replaces TRL's generic card
         common.print_summary(ctx, trainer, metrics)
     return 0

@@ -32,6 +32,8 @@ def test_tiny_recipe_trains_and_loss_falls(recipe, tmp_path):
         targets = {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}
         assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert list((out).glob("**/events.out.tfevents*")), "tensorboard events are written by default"
+    card = (out / "README.md").read_text()  # ours, not TRL's "fine-tuned version of [None]"
+    assert f"recipe `{recipe}`" in card and f'from_pretrained("{out}")' in card and "exact_match:" in card
 
 
 def test_counted_rows_fit_the_plan_and_give_the_padding_share_the_trainer_pads(tmp_path, capsys):
