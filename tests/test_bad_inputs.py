@@ -5,6 +5,7 @@ tests/test_config.py covers the recipe loader itself (15 parametrised config cas
 through `ftlaunch run` / `ftlaunch plan` (in-process, fast), and a few through the real command line."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -208,29 +209,25 @@ def test_every_command_prints_its_help(command, capsys):
 
 
 def test_unwritable_output_is_one_line(tmp_path, capsys):
-    """An output_dir that is a file, or under one, fails before anything loads; so do slurm --write and export
-    --out."""
+    """An output_dir that is a file, or under one, fails before anything loads; so does slurm --write."""
     a_file = tmp_path / "a_file"
     a_file.write_text("mine")
     for target, expected in ((a_file, "exists and is not a directory"), (a_file / "run", "cannot write to")):
         code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={target}")
-        assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", f"output_dir: ", expected)
+        assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", "output_dir: ", expected)
     code = run_inprocess("slurm", "--recipe", "lora_tiny", "--write", str(a_file / "job.sbatch"))
     assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", "--write: ")
     assert a_file.read_text() == "mine"
 
 
 def test_report_to_a_logger_that_is_not_installed(tmp_path, capsys):
-    import importlib.util
-
     missing = next(n for n in ("wandb", "comet_ml", "clearml", "dvclive") if importlib.util.find_spec(n) is None)
     out = tmp_path / "out"
     code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", f"training.report_to={missing}")
     assert_clean_failure(code, capsys.readouterr().err, out, f"training.report_to: {missing} not installed here")
 
 
-@pytest.mark.skipif(__import__("importlib.util").util.find_spec("liger_kernel") is not None,
-                    reason="liger-kernel is installed here")
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
 def test_liger_without_liger_kernel(tmp_path, capsys):
     out = tmp_path / "out"
     code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "training.use_liger_kernel=true")
