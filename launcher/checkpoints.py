@@ -63,11 +63,22 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask sets it, and a thread writing meanwhile would get
+    world-writable files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022  # the usual default where /proc is not there
+
+
 def readable_weights(path: Path) -> None:
     """safetensors writes its files 0600 whatever the umask: give them the mode every other file gets (0644 under
     the usual umask 022), so teammates on a shared cluster can read the weights the others can."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for file in Path(path).rglob("*.safetensors"):
         file.chmod(0o666 & ~umask)
 

@@ -55,10 +55,15 @@ UNKNOWN_GPU = GpuModel((), (8, 0), 100, 12, 12)
 CPU_TFLOPS = 0.2  # per CPU rank, for the cost model only
 
 
+def _bare_gpu_name(name: str) -> str:
+    """Upper case, no spaces, no vendor or family words: 'NVIDIA GeForce RTX 3090' -> 'RTX3090'."""
+    text = re.sub(r"[\s_]+", "", name.upper()).replace("NVIDIA", "").replace("GEFORCE", "").replace("TESLA", "")
+    return text.replace("RTXA6000", "A6000")
+
+
 def canonical_gpu_name(name: str) -> str:
     """'NVIDIA GeForce RTX 3090' / 'rtx3090' / 'NVIDIA A100-SXM4-80GB' -> catalogue key ('RTX3090', 'A100')."""
-    text = re.sub(r"[\s_]+", "", name.upper()).replace("NVIDIA", "").replace("GEFORCE", "").replace("TESLA", "")
-    text = text.replace("RTXA6000", "A6000")
+    text = _bare_gpu_name(name)
     for key in sorted(GPU_CATALOGUE, key=len, reverse=True):  # longest first: L40S before L40, A10G before A10
         if text.startswith(key) or text.startswith(key + "-"):
             return key
@@ -84,7 +89,8 @@ class GpuInfo:
     def spec(self) -> str:
         """'T4-16GB': the name and the size it is sold as, which parse_spec turns back into this card."""
         sold = [gb for gb, mib in self.model.memory if mib and mib * 2 ** 20 == self.total_bytes]
-        return f"{self.name}-{sold[0] if sold else round(self.total_bytes / GiB)}GB"
+        key = canonical_gpu_name(self.name)  # a live card's NVML name ('NVIDIA GeForce RTX 3090') -> 'RTX3090'
+        return f"{key if key in GPU_CATALOGUE else self.name}-{sold[0] if sold else round(self.total_bytes / GiB)}GB"
 
 
 @dataclass
@@ -164,7 +170,7 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
     nodes, gpus = (int(first), int(second)) if second is not None else (1, int(first))
     if nodes < 1 or gpus < 1:
         raise bad
-    key, typed = canonical_gpu_name(name), name.upper().replace("RTXA6000", "A6000")
+    key, typed = canonical_gpu_name(name), _bare_gpu_name(name)
     if not (typed.startswith(key) and re.fullmatch(r"(SXM\d?|PCIE|NVL)?", typed[len(key):])):
         key = name  # 'A10O' is a typo, not an A10: an unknown card (with a did-you-mean note)
     model = GPU_CATALOGUE.get(key)
@@ -179,7 +185,7 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
             raise bad
     total = int(mem_gib * GiB)
     reported = dict(model.memory).get(mem_gib) if model else None
-    if model and not reported:
+    if model and mem_gib not in dict(model.memory):
         sold = " or ".join(f"{gb} GB" for gb, _ in model.memory)
         notes.append(f"{key} is sold with {sold}, not {mem_gib:g}: planned with {mem_gib:g} GiB as given")
     if reported:

@@ -192,5 +192,9 @@ def test_spec_typos_and_odd_sizes_are_said():
     typo = parse_spec("8xA10O-80GB")
     assert typo.gpu.name == "A10O" and any("not in the catalogue (did you mean A10" in n for n in typo.notes)
     assert parse_spec("8xH100SXM-80GB").gpu.name == "H100"
+    for vendor_name, card in (("1xTeslaV100-32GB", "V100"), ("1xTeslaT4", "T4"), ("1xGeForceRTX3090", "RTX3090"),
+                              ("1xNvidiaA100-80GB", "A100")):
+        assert parse_spec(vendor_name).gpu.name == card, vendor_name
+    assert not any("sold with" in n for n in parse_spec("1xMI300X").notes)  # its sold size, reported size unknown
     odd = parse_spec("1xRTX3090-80GB")
     assert odd.gpu.total_bytes == 80 * GiB and any("sold with 24 GB, not 80" in n for n in odd.notes)
