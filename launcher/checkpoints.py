@@ -141,14 +141,17 @@ def prepare_resume(output_dir: Path, is_main: bool) -> tuple[Path | None, list[P
     return chosen, skipped
 
 
-# Recipe sections a checkpoint's tensors depend on: resuming under other values fails deep inside torch (size
-# mismatch, parameter groups) after the run's files were rewritten, or silently trains something else.
-STRUCTURAL_SECTIONS = ("method", "model", "peft", "quant")
+# Recipe keys a checkpoint's tensors depend on (which model, which adapter of which shape, 4-bit or not): resuming
+# under other values fails deep inside torch (size mismatch, parameter groups) after the run's files were
+# rewritten, or silently trains something else. Attention backend, dropout, learning rate and the like may change.
+STRUCTURAL_KEYS = ("method", "model.name", "model.tiny", "peft.method", "peft.r", "peft.target_modules",
+                   "peft.num_virtual_tokens", "quant.load_in_4bit")
 
 
-def choose_resume(output_dir: Path, how: str, settings: dict, is_main: bool) -> Path | None:
+def choose_resume(output_dir: Path, how: str, settings: dict | None, is_main: bool) -> Path | None:
     """The checkpoint this start continues from (`--resume auto | never | PATH`), or None to start afresh; refuses
-    (UserError, exit 2) what would mix two runs. `settings` is the resolved recipe (config.to_yaml_dict)."""
+    (UserError, exit 2) what would mix two runs. `settings` is the resolved recipe (config.to_yaml_dict), None for
+    a method that never resumes (it restarts from scratch whatever is there)."""
     from launcher.errors import UserError
 
     output_dir = Path(output_dir)
@@ -172,7 +175,7 @@ def choose_resume(output_dir: Path, how: str, settings: dict, is_main: bool) -> 
             inside = newest_complete_checkpoint(chosen)
             hint = f"; did you mean --resume {inside}?" if inside else ""
             raise UserError(f"--resume {how}: not a checkpoint (no trainer_state.json){hint}")
-    if chosen is not None:
+    if chosen is not None and settings is not None:
         check_same_settings(chosen, settings)
     return chosen
 
@@ -190,16 +193,24 @@ def check_same_settings(checkpoint: Path, settings: dict) -> None:
     except (OSError, yaml.YAMLError):
         return  # written elsewhere or by hand: nothing to compare with
     changed = []
-    for section in STRUCTURAL_SECTIONS:
-        before, now = saved.get(section), settings.get(section)
-        if isinstance(before, dict) and isinstance(now, dict):
-            changed += [f"{section}.{k}={before.get(k)!r} (now {now.get(k)!r})" for k in sorted({*before, *now})
-                        if before.get(k) != now.get(k) and "***" not in (str(before.get(k)), str(now.get(k)))]
-        elif before != now:
-            changed.append(f"{section}={before!r} (now {now!r})")
+    for key in STRUCTURAL_KEYS:
+        known, before = _lookup(saved, key)
+        _, now = _lookup(settings, key)
+        # a key an older recipe.yaml lacks, or a value redaction touched (an env secret inside a path), says nothing
+        if known and before != now and "***" not in f"{before}{now}":
+            changed.append(f"{key}={before!r} (now {now!r})")
     if changed:
         raise UserError(f"cannot resume {checkpoint}: its run was made with {'; '.join(changed)}; resume with the "
                         f"same settings, or start afresh in a new output_dir")
+
+
+def _lookup(data: dict, dotted: str):
+    """(present, value) of `a.b` in nested dicts."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False, None
+        data = data[part]
+    return True, data
 
 
 def checkpoint_layout(path: Path) -> dict:

@@ -52,11 +52,24 @@ def _check_finished_stage_unchanged(name: str, out: Path, cfg) -> None:
     if manifest.get("status") != "finished" or not isinstance(manifest.get("config"), dict):
         return
     before, now = _flat(manifest["config"]), _flat(to_yaml_dict(cfg))
-    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and "***" not in (str(before.get(k)), str(now.get(k)))]
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) & set(now))
+               if not k.startswith(UNTRAINED_KEYS) and _same_place(before[k]) != _same_place(now[k])
+               and "***" not in f"{before[k]}{now[k]}"]  # redaction may touch an env value inside a path
     if changed:
         raise UserError(f"pipeline stage '{name}': {out} finished with other settings ({'; '.join(changed[:3])}"
                         f"{' ...' if len(changed) > 3 else ''}); remove {out} to train it again, or drop the change")
+
+
+# Settings that do not change what a finished stage trained: where it is, what it is called, how it is evaluated
+# and guarded, which what-if it was planned for.
+UNTRAINED_KEYS = ("output_dir", "description", "name", "eval.", "safety.", "plan.inventory")
+
+
+def _same_place(value):
+    """A path as the same place however it is spelt (relative or absolute)."""
+    if isinstance(value, str) and value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
 def _flat(data, prefix: str = "") -> dict:

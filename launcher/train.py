@@ -309,9 +309,10 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     common.seed_everything(ctx.cfg.seed)
     from launcher.checkpoints import choose_resume
 
-    resume = choose_resume(out, args.resume, to_yaml_dict(ctx.cfg), env.is_main)
+    resumes = getattr(module, "RESUMES", True)  # PPO restarts from scratch: nothing of a checkpoint is loaded
+    resume = choose_resume(out, args.resume, to_yaml_dict(ctx.cfg) if resumes else None, env.is_main)
     repartition = False
-    if resume is not None and getattr(module, "RESUMES", True):
+    if resume is not None and resumes:
         from launcher.checkpoints import check_resumable
 
         repartition = check_resumable(resume, env.world_size, ctx.ds_config is not None, ctx.cfg.training.get("optim"))

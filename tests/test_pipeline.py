@@ -41,7 +41,8 @@ def test_rlhf_tiny_pipeline_end_to_end_then_skips_finished_stages(tmp_path):
     assert (root / "ppo" / "adapter_config.json").is_file()  # rlhf_tiny's PPO trains a LoRA policy
     assert "score" in ppo["metrics"]["after"] and "pairwise_accuracy" in manifest(root / "rm")["metrics"]["after"]
 
-    again = _pipeline_cli("rlhf_tiny", "--output-dir", str(root), *FAST, timeout=120)
+    spelt_otherwise = root.parent / ".." / root.parent.name / root.name  # the same place: still all finished
+    again = _pipeline_cli("rlhf_tiny", "--output-dir", str(spelt_otherwise), *FAST, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("already holds a finished run; skipped") == 3, again.stdout
     assert "launcher/run.py" not in again.stdout.replace("skipped", "")  # nothing launched

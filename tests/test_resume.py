@@ -174,6 +174,17 @@ def test_a_resume_that_would_mix_two_runs_is_refused(tmp_path, capsys):
     assert "holds checkpoints of an earlier run (checkpoint-6)" in line and "new output_dir" in line
     line = _one_line(run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "peft.r=8"), capsys)
     assert "cannot resume" in line and "peft.r=16 (now 8)" in line and "same settings" in line
+    from launcher.checkpoints import check_same_settings
+
+    # what the saved tensors do not depend on may change; an older recipe.yaml's missing key says nothing
+    settings = to_yaml_dict(load_recipe("lora_tiny", None, [f"output_dir={out}", "model.attn_implementation=eager",
+                                                            "peft.dropout=0.1", "training.learning_rate=0.5"]))
+    check_same_settings(out / "checkpoint-6", settings)
+    older = yaml.safe_load(recipe)
+    del older["peft"]["r"]
+    (out / "recipe.yaml").write_text(yaml.safe_dump(older))
+    check_same_settings(out / "checkpoint-6", to_yaml_dict(load_recipe("lora_tiny", None, ["peft.r=8"])))
+    (out / "recipe.yaml").write_text(recipe)
     elsewhere = tmp_path / "other"
     line = _one_line(run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={elsewhere}", "--resume", str(out)),
                      capsys)
