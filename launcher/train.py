@@ -211,9 +211,6 @@ def quiet_known_noise(verbose: bool) -> None:
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
-    from recipes.builder import quiet_new_head_reports
-
-    quiet_new_head_reports()
     hf_logging.get_logger("transformers.utils.generic").addFilter(
         lambda record: "`past_key_values`/`cache_params` are deprecated" not in record.getMessage())
 

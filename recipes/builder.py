@@ -146,7 +146,8 @@ def load_model(cfg, plan, path: str, auto_class=None, **kwargs):
     quant = quantization_config(cfg, plan)
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     _check_attention_installed(cfg.model.attn_implementation)
-    with loading("model.name", cfg.model.name):
+    fresh_head = auto_class.__name__.endswith("ForSequenceClassification")
+    with loading("model.name", cfg.model.name), new_head_expected() if fresh_head else contextlib.nullcontext():
         model = from_pretrained(auto_class, path, quant,
                                 dtype=torch_dtype(cfg, plan, trained_full=cfg.peft.method == "none" and quant is None),
                                 trust_remote_code=cfg.model.trust_remote_code, **extra, **kwargs)
@@ -194,11 +195,12 @@ def _check_attention_installed(name) -> None:
 NEW_HEAD_PREFIXES = ("score.", "classifier.", "pre_classifier.")
 
 
-def quiet_new_head_reports() -> None:
-    """transformers prints a LOAD REPORT table whenever weights are missing from a checkpoint, including the fresh
-    head of every reward model and classifier built on a causal LM or encoder (twice per run: before-evaluation and
-    training). Drop the report when the head is all that is missing; any other missing or unexpected key still
-    shows."""
+@contextlib.contextmanager
+def new_head_expected():
+    """Around a load that adds a fresh classification or reward head to a pretrained body (rm/classify training and
+    their "before" evaluation): transformers' LOAD REPORT table listing that head as missing is dropped. Any other
+    missing or unexpected key still shows, and loads outside this context (a reward model PPO scores with, whose
+    head must be trained) report everything."""
     from transformers.utils import logging as hf_logging
 
     def only_new_head(record) -> bool:
@@ -209,7 +211,12 @@ def quiet_new_head_reports() -> None:
         rows = [r for r in rows if r[0] not in ("Key", "") and not set(r[0]) <= {"-", "+"}]
         return not rows or not all("MISSING" in r[1] and r[0].startswith(NEW_HEAD_PREFIXES) for r in rows)
 
-    hf_logging.get_logger("transformers.modeling_utils").addFilter(only_new_head)
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    logger.addFilter(only_new_head)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only_new_head)
 
 
 def from_pretrained(auto_class, path: str, quant=None, **kwargs):

@@ -17,7 +17,7 @@ from typing import Callable
 from launcher.config import RUNS_DIR
 from launcher.errors import UserError
 from recipes import synthetic
-from recipes.builder import is_adapter_dir, loading, merged_dir
+from recipes.builder import is_adapter_dir, loading, merged_dir, new_head_expected
 
 
 def exact_reward(prompts, completions, answer=None, **kwargs) -> list[float]:
@@ -104,7 +104,8 @@ def load_scorer_model(path: str, dtype=None, pad_token_id=None, num_labels: int 
     with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        with new_head_expected() if seed is not None else contextlib.nullcontext():  # seed: a fresh head on purpose
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.eval()
     return model
 
