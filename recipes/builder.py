@@ -160,16 +160,21 @@ def load_model(cfg, plan, path: str, auto_class=None, **kwargs):
 
 
 def check_lora_targets(cfg, model) -> None:
-    """peft.target_modules names modules of this model (checked before the trainer wraps it: PEFT's own error is a
-    traceback from deep inside the trainer). 'all-linear' and regular expressions are PEFT's to resolve."""
+    """peft.target_modules names modules of this model, by PEFT's own rule (checked before the trainer wraps it:
+    PEFT's error is a traceback from deep inside the trainer): a list entry matches a module's full name or a dotted
+    suffix of it ('q_proj', 'self_attn.q_proj'); a single string is a regular expression over full names."""
+    import re
+
     targets = cfg.peft.target_modules
     if cfg.peft.method not in ("lora", "dora") or targets in (None, "all-linear"):
         return
-    names = [targets] if isinstance(targets, str) else list(targets)
-    if isinstance(targets, str) and any(c in targets for c in "\\.*+?[]()|^$"):
+    full = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, name) for name in full):
+            raise UserError(f"peft.target_modules: the string {targets!r} is a regular expression over full module "
+                            f"names and matches none; give a list of names, e.g. [q_proj, v_proj], or all-linear")
         return
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [n for n in names if n not in present]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in full)]
     if missing:
         import torch
 

@@ -220,6 +220,23 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     assert a_file.read_text() == "mine"
 
 
+def test_lora_targets_are_matched_as_peft_matches_them():
+    """List entries match a module's full name or a dotted suffix; a single string is a regular expression over
+    full names (so 'q_proj' alone matches nothing, as in PEFT, and says so)."""
+    from types import SimpleNamespace
+
+    from launcher.errors import UserError
+    from recipes.builder import check_lora_targets
+    from recipes.tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model(tiny_tokenizer())
+    check = lambda t: check_lora_targets(SimpleNamespace(peft=SimpleNamespace(method="lora", target_modules=t)), model)  # noqa
+    for fine in (["q_proj", "v_proj"], ["self_attn.q_proj"], ["model.layers.0.self_attn.q_proj"], r".*\.q_proj"):
+        check(fine)
+    with pytest.raises(UserError, match="regular expression over full module names and matches none"):
+        check("q_proj")
+
+
 def test_report_to_a_logger_that_is_not_installed(tmp_path, capsys):
     missing = next(n for n in ("wandb", "comet_ml", "clearml", "dvclive") if importlib.util.find_spec(n) is None)
     out = tmp_path / "out"
