@@ -10,7 +10,7 @@ from launcher.plan_types import MIN_MEMORY_FRACTION
 
 # transformers' attention implementations, and the module each needs installed
 ATTENTION = {"sdpa": None, "eager": None, "flex_attention": None, "flash_attention_2": "flash_attn",
-             "flash_attention_3": "flash_attn_interface"}
+             "flash_attention_3": "flash_attn_interface", "flash_attention_4": None}
 
 
 def check_recipe(cfg: RecipeConfig) -> None:

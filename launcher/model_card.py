@@ -10,14 +10,16 @@ from launcher.manifest import redact
 LOADERS = {"rm": "AutoModelForSequenceClassification", "classify": "AutoModelForSequenceClassification"}
 
 
-def write_model_card(out: Path, cfg, plan, metrics: dict) -> Path:
+def write_model_card(out: Path, cfg, plan, metrics: dict, num_labels: int | None = None) -> Path:
+    """`num_labels`: a sequence-classification model's head size, which loading an adapter must be told."""
     out = Path(out)
     adapter = (out / "adapter_config.json").is_file()
     loader = LOADERS.get(cfg.method, "AutoModelForCausalLM")
     if adapter:
         peft_loader = "AutoPeftModelForSequenceClassification" if loader != "AutoModelForCausalLM" else \
             "AutoPeftModelForCausalLM"
-        load = f"from peft import {peft_loader}\n\nmodel = {peft_loader}.from_pretrained(\"{out}\")"
+        labels = f", num_labels={num_labels}" if num_labels and loader != "AutoModelForCausalLM" else ""
+        load = f"from peft import {peft_loader}\n\nmodel = {peft_loader}.from_pretrained(\"{out}\"{labels})"
         kind = "QLoRA" if cfg.method == "qlora" else {"lora": "LoRA", "dora": "DoRA"}.get(cfg.peft.method,
                                                                                          cfg.peft.method)
         what = f"A {kind} adapter (r {cfg.peft.r}) on `{cfg.model.name}`"

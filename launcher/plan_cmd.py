@@ -54,22 +54,22 @@ def build_plan(args):
     from launcher.shapes import resolve_shape
 
     pins = _pins(args)
-    model_only = {"--method": args.method, "--seq-len": args.seq_len, "--global-batch": args.global_batch,
-                  "--lora-r": args.lora_r, "--optim": args.optim}
+    model_only = {"--model": args.model, "--method": args.method, "--seq-len": args.seq_len,
+                  "--global-batch": args.global_batch, "--lora-r": args.lora_r, "--optim": args.optim}
     if args.recipe or args.config:
         from launcher.config import load_recipe
 
         given = [name for name, value in model_only.items() if value is not None]
         if given:  # silently planning the recipe's own values instead would answer another question
-            raise UserError(f"ftlaunch plan: {given[0]} applies with --model; with a recipe give it as an override "
-                            f"(method and peft.r in the recipe, data.max_length, plan.global_batch_size, "
+            raise UserError(f"ftlaunch plan: {given[0]} applies without a recipe; with one give it as an override "
+                            f"(model.name, method and peft.r in the recipe, data.max_length, plan.global_batch_size, "
                             f"training.optim)")
         overrides = list(args.overrides)
         for key, value in pins.items():  # through the recipe loader, so the same validation applies
             overrides.append(f"plan.{key}={json.dumps(value) if isinstance(value, bool) else value}")
         cfg = load_recipe(args.recipe, args.config, overrides)
         request = request_from_recipe(cfg)
-        spec = args.inventory or cfg.plan.inventory
+        spec = args.inventory or (None if args.hostfile else cfg.plan.inventory)  # what is typed wins
         clipping = gradient_clipping(cfg)
     else:
         if not args.model:

@@ -262,8 +262,8 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
 
 
 # Override keys whose values are local paths (data.source may be a list of them).
-PATH_KEYS = ("data.source", "data.eval_source", "output_dir", "model.name", "model.tokenizer", "ppo.reward_model",
-             "ppo.value_model", "grpo.reward")
+PATH_KEYS = ("data.source", "data.path", "data.eval_source", "output_dir", "model.name", "model.tokenizer",
+             "ppo.reward_model", "ppo.value_model", "grpo.reward")
 
 
 def _absolute_path(text: str) -> str:
@@ -279,12 +279,10 @@ def _absolute(item: str) -> str:
     if key not in PATH_KEYS:
         return item
     parsed = parse_scalar(value)
-    values = parsed if isinstance(parsed, list) else [parsed]
-    fixed = [(_absolute_path(v) if isinstance(v, str) and (key == "output_dir" or Path(v).exists()) else v)
-             for v in values]
-    if not isinstance(parsed, list):
-        return f"{key}={fixed[0]}"
-    return f"{key}=[{', '.join(str(v) for v in fixed)}]"
+    is_path = lambda v: isinstance(v, str) and v and (key == "output_dir" or Path(v).exists())  # noqa: E731
+    if isinstance(parsed, list) and all(isinstance(v, str) for v in parsed) and any(is_path(v) for v in parsed):
+        return f"{key}=[{', '.join(_absolute_path(v) if is_path(v) else v for v in parsed)}]"
+    return f"{key}={_absolute_path(value)}" if is_path(parsed) and parsed == value else item  # else: as typed
 
 
 def _cli_args(recipe, config, nodes, gpus, time, partition, output) -> list[str]:

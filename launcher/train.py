@@ -392,6 +392,6 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         update_manifest(out, status="finished", step=trainer.state.global_step, metrics=metrics)
         from launcher.model_card import write_model_card
 
-        write_model_card(out, ctx.cfg, ctx.plan, metrics)  # replaces TRL's generic card
+        write_model_card(out, ctx.cfg, ctx.plan, metrics, getattr(trainer.model.config, "num_labels", None))
         common.print_summary(ctx, trainer, metrics)
     return 0

@@ -190,8 +190,14 @@ def _check_attention_installed(name) -> None:
 
     from launcher.config_checks import ATTENTION
 
+    import torch
+
+    if name and name.startswith("flash_attention") and not torch.cuda.is_available():
+        raise UserError(f"model.attn_implementation: {name} runs on CUDA GPUs only, and there is none here; use sdpa "
+                        f"(the default)")
     module = ATTENTION.get(name)
-    if module and importlib.util.find_spec(module) is None:
+    # without the package transformers can fetch a hub kernel instead, when `kernels` is installed (and online)
+    if module and importlib.util.find_spec(module) is None and importlib.util.find_spec("kernels") is None:
         raise UserError(f"model.attn_implementation: {name} needs the {module} package, not installed here (GPU "
                         f"only); install it, or use sdpa (the default)")
 

@@ -73,8 +73,8 @@ def _checkpointing_names(kw: dict) -> dict:
 
     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
         for old in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):
-            if old in kw:
-                kw["activation" + old[len("gradient"):]] = kw.pop(old)
+            if old in kw:  # a recipe's own activation_checkpointing_kwargs wins over the plan's default
+                kw.setdefault("activation" + old[len("gradient"):], kw.pop(old))
     return kw
 
 

@@ -32,6 +32,8 @@ from launcher.recipe_request import generated_tokens
 from recipes import builder, common, rewards
 
 RESUMES = False  # TRL's PPOTrainer has no resume: launcher/train.py neither checks nor converts a checkpoint
+# TRL warns on every import of trl.experimental (the runner imports PPOConfig to check training.* keys first)
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 DATA_KIND = "prompts"
 ARGS_CLASS = "trl.experimental.ppo:PPOConfig"  # its TrainingArguments class (checked before a run starts)
@@ -67,7 +69,6 @@ def scorer_paths(cfg) -> tuple[str, str]:
 
 
 def _ppo_trainer_class():
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.ppo import PPOTrainer
 
     class RunnerPPOTrainer(PPOTrainer):
@@ -131,8 +132,6 @@ def _ppo_trainer_class():
 
 def build(ctx):
     from transformers import AutoModelForSequenceClassification
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
     cfg = ctx.cfg
     section = cfg.section("ppo")

@@ -101,6 +101,8 @@ BAD_RUNS = [
     ("training_value_type", "lora_tiny", ["training.weight_decay=abc"], None,
      ["training.weight_decay: expected a number, got 'abc'"]),
     ("training_value_range", "lora_tiny", ["training.save_steps=-1"], None, ["training.save_steps: must be > 0"]),
+    ("attention_flash_on_cpu", "lora_tiny", ["model.attn_implementation=flash_attention_2"], None,
+     ["model.attn_implementation: flash_attention_2 runs on CUDA GPUs only"]),
     ("attention_unknown", "lora_tiny", ["model.attn_implementation=fast"], None,
      ["model.attn_implementation: 'fast' is not one of sdpa"]),
     ("lora_target_not_in_model", "lora_tiny", ["peft.target_modules=[foo_proj]"], None,

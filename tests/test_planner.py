@@ -728,7 +728,7 @@ def test_cmd_plan_answers_the_question_asked(capsys, tmp_path):
 
     from launcher.plan_cmd import cmd_inventory, cmd_plan
 
-    with pytest.raises(UserError, match="--method applies with --model"):
+    with pytest.raises(UserError, match="--method applies without a recipe"):
         cmd_plan(["--recipe", "lora_tiny", "--method", "full"])
     one_gpu = ["--model", "llama-3-8b", "--method", "full", "--seq-len", "1024", "--inventory", "1xH100-80GB"]
     assert cmd_plan([*one_gpu, "--json"]) == 0

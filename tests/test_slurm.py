@@ -112,11 +112,13 @@ def test_paths_typed_outside_the_checkout_still_hold_in_the_job(tmp_path, monkey
     (tmp_path / "pc.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
     (tmp_path / "my.yaml").write_text((RECIPE_DIR / "lora_tiny.yaml").read_text())
     script = render_sbatch(None, 1, 1, "01:00:00", None, ["data.source=[pc.jsonl, pc.jsonl]", "output_dir=runs/x",
-                                                           "data.eval_source=pc.jsonl"], config="my.yaml")
+                                                           "data.eval_source=pc.jsonl", "model.tokenizer=null"],
+                           config="my.yaml")
     args = next(line for line in script.splitlines() if line.startswith("RUN_ARGS="))
     assert f"--config {tmp_path / 'my.yaml'}" in args and f"data.eval_source={tmp_path / 'pc.jsonl'}" in args
     assert f"output_dir={tmp_path / 'runs' / 'x'}" in args
     assert f"data.source=[{tmp_path / 'pc.jsonl'}, {tmp_path / 'pc.jsonl'}]" in args
+    assert "model.tokenizer=null" in args  # not a path: kept as typed
 
 
 def test_cli_exit_code_for_bad_input(capsys):
