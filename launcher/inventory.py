@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional
 
 from launcher.errors import UserError
+from launcher.nodelist import expand_nodelist
 
 GiB = 1024 ** 3
 SPEC_HELP = "expected [NODES x] GPUS x NAME[-MEM], e.g. 1xRTX3090-24GB"
@@ -205,58 +206,6 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
     notes.append(f"host RAM per node assumed {ram / GiB:.0f} GiB (what-if spec)")
     return Inventory("spec", nodes, gpus, gpu, host_ram_bytes=ram, host_ram_assumed=host_ram_bytes is None,
                      notes=notes)
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compressed host list -> names: 'n[1-3,5],gpu01' -> ['n1','n2','n3','n5','gpu01'] (zero padding kept)."""
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist.strip()):
-        if not item:
-            continue
-        names = [""]
-        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
-            if not literal and not ranges:
-                continue
-            options = [literal]
-            if ranges:
-                options = [literal + value for value in _expand_ranges(ranges, nodelist)]
-            names = [prefix + option for prefix in names for option in options]
-        hosts.extend(names)
-    return hosts
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    if depth != 0:
-        raise UserError(f"SLURM_JOB_NODELIST '{text}': unbalanced brackets")
-    parts.append(current)
-    return parts
-
-
-def _expand_ranges(ranges: str, whole: str) -> list[str]:
-    values = []
-    for part in ranges.split(","):
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-                raise UserError(f"SLURM_JOB_NODELIST '{whole}': bad range '{part}'")
-            values.extend(str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1))
-        elif part.isdigit():
-            values.append(part)
-        else:
-            raise UserError(f"SLURM_JOB_NODELIST '{whole}': bad range '{part}'")
-    return values
 
 
 def parse_hostfile(text: str) -> list[tuple[str, int]]:

@@ -94,7 +94,7 @@ def _expected_hosts(env: Mapping[str, str], world_size: int) -> list[Optional[st
     if not nodelist:
         return [None] * world_size
     try:
-        from launcher.inventory import expand_nodelist
+        from launcher.nodelist import expand_nodelist
 
         hosts = expand_nodelist(nodelist)
     except Exception:  # noqa: BLE001 - a best-effort label only
@@ -126,7 +126,7 @@ def dist_env(env: Mapping[str, str] = os.environ) -> tuple[int, int, int, Option
         return (int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                 env.get("MASTER_ADDR"), int(port) if port else None)
     if env.get("SLURM_NTASKS") and env.get("SLURM_PROCID") and env.get("SLURM_STEP_ID") is not None:
-        from launcher.inventory import expand_nodelist
+        from launcher.nodelist import expand_nodelist
         from launcher.slurm import BASE_PORT, PORT_RANGE  # the sbatch scripts' MASTER_PORT rule
 
         hosts = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))

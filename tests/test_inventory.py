@@ -8,7 +8,8 @@ import pytest
 
 from launcher import inventory as inv
 from launcher.errors import UserError
-from launcher.inventory import GiB, detect_inventory, expand_nodelist, parse_hostfile, parse_spec
+from launcher.inventory import GiB, detect_inventory, parse_hostfile, parse_spec
+from launcher.nodelist import expand_nodelist
 
 
 @pytest.mark.parametrize("spec,nodes,gpus,name,mem_mib,cc", [  # MiB: what the card reports (nvidia-smi)
