@@ -17,7 +17,8 @@ from typing import Callable
 from launcher.config import RUNS_DIR
 from launcher.errors import UserError
 from recipes import synthetic
-from recipes.builder import is_adapter_dir, loading, merged_dir, new_head_expected
+from recipes.builder import is_adapter_dir, loading, merged_dir
+from recipes.load_checks import new_head_expected
 
 
 def exact_reward(prompts, completions, answer=None, **kwargs) -> list[float]:

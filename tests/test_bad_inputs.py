@@ -228,7 +228,7 @@ def test_lora_targets_are_matched_as_peft_matches_them():
     from types import SimpleNamespace
 
     from launcher.errors import UserError
-    from recipes.builder import check_lora_targets
+    from recipes.load_checks import check_lora_targets
     from recipes.tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model(tiny_tokenizer())

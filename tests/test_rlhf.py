@@ -356,7 +356,7 @@ def test_load_report_of_a_fresh_head_alone_is_quiet():
 
     from transformers.utils import logging as hf_logging
 
-    from recipes.builder import new_head_expected
+    from recipes.load_checks import new_head_expected
 
     logger = hf_logging.get_logger("transformers.modeling_utils")
     report = ("LlamaForSequenceClassification LOAD REPORT from: /x\nKey          | Status  | \n"
