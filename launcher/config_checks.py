@@ -87,7 +87,7 @@ def _check_safety(cfg: RecipeConfig) -> None:
     limit = cfg.safety.max_grad_norm_abort
     if limit is not None and not (limit > 0 and math.isfinite(limit)):
         raise UserError(f"safety.max_grad_norm_abort: must be a positive number (or null for no limit), got {limit!r}")
-    for where, key, value in _walk(to_yaml_dict(cfg)):
+    for where, key, value in walk(to_yaml_dict(cfg)):
         if (is_secret_key(key) and value not in (None, "", False)) or (
                 isinstance(value, str) and SECRET_VALUE.match(value.strip())):
             raise UserError(f"{where}: looks like a secret; secrets must not be in recipes or overrides (they would be "
@@ -95,15 +95,15 @@ def _check_safety(cfg: RecipeConfig) -> None:
                             f"WANDB_API_KEY, ...)")
 
 
-def _walk(data, prefix: str = ""):
+def walk(data, prefix: str = ""):
     """(where, key, value) for every key of nested data, and (where, "", text) for strings inside lists."""
     if isinstance(data, dict):
         for k, v in data.items():
             where = f"{prefix}.{k}" if prefix else str(k)
             yield where, str(k), v
-            yield from _walk(v, where)
+            yield from walk(v, where)
     elif isinstance(data, list):
         for i, v in enumerate(data):
-            yield from _walk(v, f"{prefix}[{i}]")
+            yield from walk(v, f"{prefix}[{i}]")
     elif isinstance(data, str) and prefix.endswith("]"):
         yield prefix, "", data

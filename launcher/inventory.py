@@ -308,6 +308,8 @@ def detect_inventory(spec: Optional[str] = None, env: Mapping[str, str] = os.env
     In a launched process (WORLD_SIZE set) the rank count is the launcher's, so the batch geometry matches what
     DeepSpeed asserts (train_batch_size == micro x accumulation x world size).
     """
+    if spec and hostfile:
+        raise UserError("give an inventory spec or a hostfile, not both (--inventory / --hostfile)")
     if spec:
         return parse_spec(spec)
     total, available, shm, cpus = probe_host()

@@ -72,13 +72,11 @@ def _same_place(value):
     return value
 
 
-def _flat(data, prefix: str = "") -> dict:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out = {}
-    for key, value in data.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+def _flat(data: dict) -> dict:
+    """Dotted key -> value of every setting that is not a section."""
+    from launcher.config_checks import walk
+
+    return {where: value for where, key, value in walk(data) if key and not isinstance(value, dict)}
 
 
 def parse_args(argv: list[str]):

@@ -91,8 +91,6 @@ def build_plan(args):
         spec = args.inventory
         clipping = 1.0
     request.deepspeed = args.deepspeed or args.ds_config  # a DeepSpeed JSON is for a launched run
-    if spec and args.hostfile:
-        raise UserError("ftlaunch plan: give --inventory or --hostfile, not both")
     inventory = detect_inventory(spec, hostfile=args.hostfile)
     return plan(request, inventory), inventory, clipping
 
@@ -185,8 +183,6 @@ def cmd_inventory(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from launcher.inventory import detect_inventory
 
-    if args.inventory and args.hostfile:
-        raise UserError("ftlaunch inventory: give --inventory or --hostfile, not both")
     inventory = detect_inventory(args.inventory, hostfile=args.hostfile)
     if args.json:
         print(json.dumps(inventory.to_json(), indent=2, default=list))

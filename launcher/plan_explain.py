@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from launcher.planner import Plan, PlanRequest, _Context, _Result
 
 
-
 def miss_reason(ctx: _Context, result: _Result) -> str:
     parts = []
     if not result.gpu_ok:

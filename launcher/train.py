@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import load_recipe, to_yaml_dict
-from launcher.errors import ArgParser, PlanDoesNotFit, UserError
+from launcher.errors import ArgParser, PlanDoesNotFit, UserError, writable_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = Path(os.environ.get("FTLAUNCH_DS_CONFIG_DIR", REPO_ROOT / "ds_configs"))
@@ -211,8 +211,11 @@ def quiet_known_noise(verbose: bool) -> None:
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
-    hf_logging.get_logger("transformers.utils.generic").addFilter(
-        lambda record: "`past_key_values`/`cache_params` are deprecated" not in record.getMessage())
+    hf_logging.get_logger("transformers.utils.generic").addFilter(_not_cache_rename_notice)  # once per logger
+
+
+def _not_cache_rename_notice(record) -> bool:
+    return "`past_key_values`/`cache_params` are deprecated" not in record.getMessage()
 
 
 def quiet_other_ranks(env: DistEnv, verbose: bool) -> None:
@@ -269,8 +272,6 @@ def run(argv: list[str]) -> int:
     ds = deepspeed_config(plan, gradient_clipping(cfg)) if env.launched else None
     out = Path(cfg.output_dir)
     existed = out.is_dir() and any(out.iterdir())
-    from launcher.errors import writable_dir
-
     writable_dir(out, "output_dir")  # a file, a read-only place: one line now, not a traceback after the model loads
     ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=out, planned_from=inputs)
     if cfg.plan.inventory:  # a recipe's what-if: `ftlaunch plan` uses it, a run has real hardware
