@@ -28,6 +28,7 @@ def step_seconds(ctx: _Context, stage: int, offload: str, checkpointing: bool, m
     compute. Offload adds PCIe traffic and a host optimizer step; parameter offload streams weights every pass.
     """
     req, inv = ctx.request, ctx.inventory
+    micro = ctx.train_rows(micro)  # PPO with mini-batches: one backward (and one optimizer step) per mini-batch
     accum = ctx.per_rank_batch // micro
     tokens = ctx.per_rank_batch * req.seq_len * req.sequences_per_example
     flops = 0.0

@@ -3,9 +3,10 @@
 Sources of the formulas:
 - model states: ZeRO (Rajbhandari et al. 2020, "2Ψ + 2Ψ + KΨ") as DeepSpeed itself estimates them in
   `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` (stage_1_and_2.py, stage3.py):
-  16-bit params 2 B, 16-bit grads 2 B (transient under ZeRO-3), fp32 grads 4 B, fp32 master 4 B, Adam 8 B;
-  ZeRO-3 also holds the largest layer gathered (4 B/param); offloaded host states carry a 1.5x buffer factor.
-  tests/test_planner.py checks this file against those functions.
+  16-bit params 2 B, 16-bit grads 2 B, fp32 grads 4 B, fp32 master 4 B, Adam 8 B; ZeRO-3 also holds the largest
+  layer gathered (4 B/param); offloaded host states carry a 1.5x buffer factor. tests/test_planner.py checks this
+  file against those functions, and where they differ from the code they estimate: the fp32 gradients exist only
+  inside the optimizer step, after backward has freed the activations, and ZeRO-3 keeps a 16-bit gradient partition.
 - activations: in the spirit of Korthikanti et al. 2022 ("Reducing Activation Recomputation", §4.1), but counted
   from what HF's Llama/Qwen2 blocks, PEFT and bitsandbytes actually save for backward (listed with saved-tensor
   hooks; `activation_bytes` says what). The s² attention matrices only with eager attention (SDPA/flash keep none).
@@ -153,10 +154,12 @@ class ModelStates:
     gradients: float = 0.0
     optimizer: float = 0.0
     host: float = 0.0
+    step_gradients: float = 0.0  # fp32 gradients that exist only inside the optimizer step (after backward)
 
     def __add__(self, other: "ModelStates") -> "ModelStates":
         return ModelStates(self.weights + other.weights, self.gradients + other.gradients,
-                           self.optimizer + other.optimizer, self.host + other.host)
+                           self.optimizer + other.optimizer, self.host + other.host,
+                           self.step_gradients + other.step_gradients)
 
     @property
     def gpu(self) -> float:
@@ -180,10 +183,18 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
         return ModelStates(trainable * param_bytes + frozen_bytes, trainable * param_bytes, trainable * state_bytes,
                            0.0)
     weight16 = trainable * e
-    # Mixed precision keeps 16-bit grads (not under ZeRO-3: reduce-scattered straight into fp32) + fp32 grads.
-    grads = trainable * ((0 if zero_stage == 3 else 2) + 4) if mixed else trainable * 4
-    optim = trainable * ((4 if mixed else 0) + state_bytes)  # fp32 master copy only with mixed precision
     split = max(1, dp)
+    # Gradients in the model's dtype live from backward to the step (ZeRO-2: the rank's partition; ZeRO-3: its
+    # grad_partitions_flat_buffer, stage3.py). The fp32 copy the optimizer steps on exists only inside the step, once
+    # backward has freed the activations (peak.py takes whichever moment is larger): ZeRO-1/2/3 make it for the
+    # rank's partition (stage_1_and_2.py step(), stage3.py _prepare_fp32_grad_for_sub_group); ZeRO-0's 16-bit
+    # wrapper (FP16_Optimizer, also for bf16) flattens fp32 copies of all of them: copies + flat buffer, 8 B/param.
+    grads = trainable * e
+    if zero_stage >= 1:
+        step_grads = trainable * 4 / split
+    else:
+        step_grads = trainable * 8 if mixed else 0.0
+    optim = trainable * ((4 if mixed else 0) + state_bytes)  # fp32 master copy only with mixed precision
     if zero_stage >= 1:
         optim /= split
     if zero_stage >= 2:
@@ -199,12 +210,12 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
         # 16-bit grads only stream through the buckets (counted in "other"), ZeRO-1 keeps them whole on the GPU.
         host += optim + trainable * 4 / split
         grads = trainable * 2 if (zero_stage == 1 and mixed) else 0.0
-        optim = 0.0
+        optim = step_grads = 0.0
     if offload_param and zero_stage == 3:
         resident = 4 * largest_layer
         host += weights - resident
         weights = resident
-    return ModelStates(weights, grads, optim, host)
+    return ModelStates(weights, grads, optim, host, step_grads)
 
 
 def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, checkpointing: bool,

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 def peak_parts(ctx: "_Context", stage: int, offload: str, checkpointing: bool, micro: int, hpz: bool):
-    """(per-rank bytes by part, per-model breakdown, host bytes per rank, load bytes per rank) of one candidate."""
+    """(per-rank bytes by part, per-model breakdown, host bytes per rank, load bytes per rank, the moment of the peak:
+    backward, rollout or optimizer step) of one candidate."""
     inv = ctx.inventory
     key = (stage, offload, hpz)
     if key not in ctx.cache:
@@ -41,15 +42,21 @@ def peak_parts(ctx: "_Context", stage: int, offload: str, checkpointing: bool, m
         # TRL gathers the trained model(s) whole for generation (ds3_gather_for_generation, its default)
         sampling += sum(m.trainable * mem.ELEMENT_BYTES[ctx.precision] + m.frozen_bytes
                         for m in ctx.models if m.trainable) * (1 - 1 / ctx.dp)
-    if sampling > activations + (gradients if single else 0):
+    # (activations, gradients) at each moment that can peak; the largest wins, backward on ties
+    moments = {"backward": (activations, gradients)}
+    if sampling:
         # PPO/GRPO sample rollouts between optimizer steps; in one process zero_grad has freed the gradients by then
-        # (DeepSpeed keeps its gradient buffers): the rollout is the peak
-        activations, gradients = sampling, (0 if single else gradients)
+        # (DeepSpeed keeps its gradient buffers)
+        moments["rollout"] = (sampling, 0 if single else gradients)
+    if states.step_gradients:  # DeepSpeed's optimizer step: the fp32 gradients, no activations left
+        moments["optimizer step"] = (0, gradients + states.step_gradients)
+    peak_at = max(moments, key=lambda k: sum(moments[k]))
+    activations, gradients = moments[peak_at]
     dynamic = states.weights + gradients + states.optimizer + activations
     parts = {"weights": int(states.weights), "gradients": int(gradients), "optimizer": int(states.optimizer),
              "activations": int(activations), "other": int(fixed + mem.FRAGMENTATION * dynamic)}
     parts["total"] = sum(parts.values())
-    return parts, models, host_per_rank, load
+    return parts, models, host_per_rank, load, peak_at
 
 
 def _load_bytes(ctx: "_Context", full_single_process: bool) -> int:
@@ -124,6 +131,7 @@ def _activations(ctx: "_Context", checkpointing: bool, micro: int,
     """(bytes held for backward at the training peak, bytes beside them that backward does not free (PPO's rollout
     logits), bytes held while sampling a rollout: PPO/GRPO, else 0)."""
     req = ctx.request
+    micro = ctx.train_rows(micro)
     # Without autocast (one process, request.autocast False) PEFT feeds its fp32 adapters fp32 copies of their
     # inputs; DeepSpeed's bf16 engine holds the adapters in 16-bit like everything else.
     lora_bytes = 4 if (single_process and not req.autocast) else None

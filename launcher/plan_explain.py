@@ -47,6 +47,15 @@ def explain(ctx: _Context, best: _Result, per_config) -> list[str]:
     accum = ctx.per_rank_batch // best.micro
     out.append(f"batch: micro-batch {best.micro} x accumulation {accum} x {ctx.dp} rank(s) = global "
                f"{ctx.request.global_batch_size}")
+    k = ctx.request.mini_batches
+    if k > 1:
+        out.append(f"PPO: ppo.num_mini_batches={k}: each rank's rollout batch of {ctx.per_rank_batch} trains as {k} "
+                   f"mini-batches of {ctx.per_rank_batch // k} rows, one backward and one optimizer step each (TRL's "
+                   f"PPO accumulates only over whole rollout batches, so no accumulation)")
+    if best.peak_at != "backward":
+        out.append(f"peak memory at the {best.peak_at}, not in backward: the per-{unit(ctx)} breakdown is of that moment"
+                   + (" (fp32 gradients for the optimizer, made after backward has freed the activations)"
+                      if best.peak_at == "optimizer step" else ""))
     if best.stage == 3 and ctx.request.method != "full":
         out.append("ZeRO-3 partitions the frozen base weights across ranks too")
     if best.hpz:
@@ -82,11 +91,19 @@ def rejections(ctx: _Context, best: Optional[_Result], per_config) -> list[dict]
     out = []
     for config_best, first_miss in per_config:
         if config_best is not None and config_best is not best:
-            out.append({"plan": config_best.label(), "reason": f"slower: predicted {config_best.seconds:.3g} "
-                        f"s/step vs {best.seconds:.3g}" if best else "slower"})
+            out.append({"plan": config_best.label(), "reason": _slower(config_best, best)})
         if first_miss is not None and (config_best is None or config_best is best):
             out.append({"plan": first_miss.label(), "reason": "does not fit: " + miss_reason(ctx, first_miss)})
     return out
+
+
+def _slower(other: _Result, best: Optional[_Result]) -> str:
+    if best is None:
+        return "slower"
+    if f"{other.seconds:.3g}" == f"{best.seconds:.3g}":  # the cost model's 1e-6 x stage tie-break decided
+        return (f"as fast within the cost model's precision (predicted {other.seconds:.3g} s/step); ties go to the "
+                f"lower ZeRO stage")
+    return f"slower: predicted {other.seconds:.3g} s/step vs {best.seconds:.3g}"
 
 
 def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, pins: dict) -> list[str]:

@@ -50,7 +50,11 @@ class PlanRequest:
     generates_rank_batch: bool = False  # GRPO samples the rank's whole batch (micro x accumulation) in one call
     logit_tokens: Optional[int] = None  # tokens per sequence the loss takes logits of (GRPO: the completion)
     keeps_rollout_logits: bool = False  # PPO: TRL keeps fp32 logits of every sampled token (memory.ppo_rollout_bytes)
-    rollout_chunk: int = 0  # PPO's local_rollout_forward_batch_size; 0: the recipe's max(micro, PPO_ROLLOUT_CHUNK)
+    rollout_chunk: int = 0  # PPO's local_rollout_forward_batch_size; 0: the recipe's max(rows, PPO_ROLLOUT_CHUNK)
+    # PPO's num_mini_batches k: TRL's loop makes one optimizer step per mini-batch (per-rank batch / k rows, one
+    # backward) only without accumulation, as its Accelerator accumulates over whole rollout batches; so k > 1 pins
+    # micro-batch = the per-rank batch, accumulation 1, and each backward takes micro / k rows (`train_rows`)
+    mini_batches: int = 1
     # False where the trainer runs without autocast: TRL's PPOTrainer builds its own Accelerator (mixed precision
     # "no"), so in one process the 16-bit model computes in 16-bit and PEFT's fp32 adapters in fp32
     autocast: bool = True

@@ -60,6 +60,10 @@ class _Context:
         trainer does without: PlanRequest.autocast)."""
         return not self.request.deepspeed and self.dp == 1 and stage == 0 and offload == "none"
 
+    def train_rows(self, micro: int) -> int:
+        """Rows in one forward/backward of training: the micro-batch, or PPO's mini-batch (PlanRequest.mini_batches)."""
+        return max(1, micro // self.request.mini_batches)
+
     def fp32_embedding_states(self, model, stage: int, offload: str) -> bool:
         """`model`'s trained embedding keeps fp32 states (memory.with_embedding_states): a bitsandbytes 8-bit
         optimizer, and one that steps the model's own parameters, since the HF Trainer's override matches them by
@@ -83,6 +87,7 @@ class _Result:
     seconds: float
     gpu_ok: bool
     host_ok: bool
+    peak_at: str = "backward"  # or "rollout" (PPO/GRPO sampling), "optimizer step" (DeepSpeed's fp32 gradients)
 
     @property
     def fits(self) -> bool:
@@ -157,18 +162,28 @@ def _context(request: PlanRequest, inventory: Inventory, shape: ModelShape) -> _
 def evaluate(ctx: _Context, stage: int, offload: str, checkpointing: bool, micro: int, hpz: bool) -> _Result:
     """Predicted per-rank bytes, host bytes per node and step time of one candidate."""
     inv = ctx.inventory
-    parts, models, host_per_rank, load = peak.peak_parts(ctx, stage, offload, checkpointing, micro, hpz)
+    parts, models, host_per_rank, load, peak_at = peak.peak_parts(ctx, stage, offload, checkpointing, micro, hpz)
     host = mem.host_bytes_per_node(ranks_per_node=inv.ranks_per_node, offloaded_per_rank=host_per_rank,
                                    load_per_rank=load) if inv.device == "cuda" else parts["total"] * inv.ranks_per_node
     host_ok = ctx.host_capacity is None or host <= ctx.host_capacity
     seconds = step_seconds(ctx, stage, offload, checkpointing, micro, hpz)
     return _Result(stage, offload, checkpointing, micro, hpz, parts, host, load, models, seconds,
-                   parts["total"] <= ctx.usable, host_ok)
+                   parts["total"] <= ctx.usable, host_ok, peak_at)
 
 
 def _micro_batches(ctx: _Context) -> list[int]:
     n = ctx.per_rank_batch
     pinned = ctx.request.micro_batch_size
+    k = ctx.request.mini_batches
+    if k > 1:  # PPO: TRL's loop steps once per mini-batch only without accumulation (PlanRequest.mini_batches)
+        if n % k:
+            raise UserError(f"ppo.num_mini_batches={k} does not divide the per-rank rollout batch {n} "
+                            f"(plan.global_batch_size={ctx.request.global_batch_size} / {ctx.dp} ranks)")
+        if pinned not in (None, n):
+            raise UserError(f"plan.micro_batch_size={pinned}: with ppo.num_mini_batches={k} PPO trains without "
+                            f"accumulation (micro-batch = the per-rank batch {n}, {n // k} rows per backward); "
+                            f"remove the pin, or set ppo.num_mini_batches=1 to accumulate micro-batches")
+        return [n]
     if pinned is not None:
         if pinned < 1 or n % pinned:
             raise UserError(f"plan.micro_batch_size={pinned} does not divide the per-rank batch {n} "

@@ -6,7 +6,7 @@
       value_model: null             # defaults to reward_model (the critic starts from the reward model)
       response_length: 8            # new tokens per rollout
       num_ppo_epochs: 4
-      num_mini_batches: 1
+      num_mini_batches: 1           # > 1: one optimizer step per mini-batch, so the planner pins accumulation 1
       kl_coef: 0.05
       temperature: 0.7
       missing_eos_penalty: 1.0      # subtracted from the score of rollouts that never stop
@@ -145,16 +145,18 @@ def build(ctx):
     evaluation = tokenize_prompts(bundle.eval, tokenizer, cfg.data.max_length) if has_eval else train.select(
         range(min(len(train), 8)))
 
+    mini_batches = int(section.get("num_mini_batches", 1))
+    rows = plan.micro_batch_size // mini_batches  # per backward (the planner pins accumulation 1 when mini_batches > 1)
     method = dict(
         response_length=generated_tokens(cfg),
         num_ppo_epochs=int(section.get("num_ppo_epochs", 4)),
-        num_mini_batches=int(section.get("num_mini_batches", 1)),
+        num_mini_batches=mini_batches,
         kl_coef=float(section.get("kl_coef", 0.05)),
         temperature=float(section.get("temperature", 0.7)),
         missing_eos_penalty=section.get("missing_eos_penalty", 1.0),
         stop_token="eos", num_sample_generations=0,
         local_rollout_forward_batch_size=int(section.get("local_rollout_forward_batch_size",
-                                                         max(plan.micro_batch_size, PPO_ROLLOUT_CHUNK))),
+                                                         max(rows, PPO_ROLLOUT_CHUNK))),
         learning_rate=1e-5,
         # PPOConfig declares world_size as a field (PPOTrainer overwrites it with the accelerator's count); left None,
         # TrainingArguments' DeepSpeed set-up multiplies by it before the trainer exists.
@@ -169,9 +171,6 @@ def build(ctx):
     rollout_batch = plan.micro_batch_size * plan.gradient_accumulation_steps * ctx.env.world_size
     if max_steps and max_steps > 0:
         kw["total_episodes"] = max_steps * rollout_batch  # PPO counts episodes; one update = one rollout batch
-    if rollout_batch % kw["num_mini_batches"] or (rollout_batch // ctx.env.world_size) % kw["num_mini_batches"]:
-        raise UserError(f"ppo.num_mini_batches: {kw['num_mini_batches']} must divide the per-rank rollout batch "
-                        f"({rollout_batch // ctx.env.world_size})")
     args = common.make_args(common.args_class(ARGS_CLASS), kw)
     args.max_steps = max_steps or -1
 

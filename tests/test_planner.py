@@ -81,7 +81,7 @@ SCENARIOS = [
     ("full-7b-8xv100-fp16", "llama-2-7b", "full", "8xV100-32GB", 2048, 64, {},
      lambda p: p.fits and p.precision == "fp16"),
     ("full-mistral-8xh100-seq4096", "mistralai/Mistral-7B-v0.1", "full", "8xH100-80GB", 4096, 64, {},
-     lambda p: fits_on_gpu_alone(p) and p.zero_stage >= 2),
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage >= 1),  # ZeRO-1: bf16 grads whole, fp32 ones only in the step
     ("full-13b-2x8xa100-40", "llama-2-13b", "full", "2x8xA100-40GB", 2048, 64, {},
      lambda p: fits_on_gpu_alone(p) and p.zero_stage == 3),
     ("full-70b-4x8xa100-80-zero3", "llama-2-70b", "full", "4x8xA100-80GB", 2048, 64, {},
@@ -261,12 +261,15 @@ def ds_estimators():
 
 
 def full_states(shape, stage, nodes, gpus, offload):
-    request = PlanRequest(method="full", seq_len=128, global_batch_size=nodes * gpus)
-    inventory = parse_spec(f"{nodes}x{gpus}xH100-80GB", 10 ** 15)
-    out = estimate(request, inventory, shape, zero_stage=stage, offload=offload, gradient_checkpointing=True,
-                   micro_batch_size=1)
-    b = out["per_gpu_bytes"]
-    return b["weights"] + b["gradients"] + b["optimizer"]
+    """GPU bytes of a full fine-tune's model states in the optimizer step, the moment DeepSpeed's estimators describe
+    (fp32 gradients included); less ZeRO-3's 16-bit gradient partition (stage3.py grad_partitions_flat_buffer), which
+    its estimator leaves out."""
+    dp = nodes * gpus
+    s = mem.model_states(trainable=shape.num_params, frozen_bytes=0, precision="bf16", state_bytes=8, zero_stage=stage,
+                         dp=dp, offload_optimizer=offload != "none", offload_param=offload == "all",
+                         largest_layer=shape.largest_layer_params if stage == 3 else 0)
+    return s.weights + s.gradients + s.optimizer + s.step_gradients - (
+        2 * shape.num_params / dp if stage == 3 and offload == "none" else 0)
 
 
 @pytest.mark.parametrize("model", ["qwen2.5-0.5b", "llama-2-7b", "llama-3-8b", "llama-2-70b"])
@@ -429,13 +432,15 @@ def test_single_process_full_finetune_trains_in_the_load_dtype():
         # (the first backward makes) or the rest beyond the activations (with the tied embedding's two extra copies)
         head = shape.vocab * shape.hidden * per_param / 3
         assert parts["gradients"] == int(max(head, per_param / 3 * n + 2 * head - parts["activations"]))
-    # under a launcher DeepSpeed's engine runs even on one GPU at ZeRO-0: bf16 weights and grads, fp32 masters,
-    # fp32 grads and Adam states (2 + 6 + 12 B/param), all of it kept
+    # under a launcher DeepSpeed's engine runs even on one GPU at ZeRO-0: bf16 weights and grads, fp32 masters and
+    # Adam states (2 + 2 + 12 B/param) all the time; in its step, fp32 copies of the grads and their flat buffer
+    # (8 B/param), which at seq 512 outweigh the activations backward has freed by then
     launched = plan(PlanRequest(method="full", seq_len=512, global_batch_size=1, zero_stage=0, offload="none",
                                 deepspeed=True), one, shape)
     parts = launched.per_gpu_bytes
-    assert parts["weights"] + parts["gradients"] + parts["optimizer"] == pytest.approx(20 * n, rel=1e-6)
-    assert not launched.single_process
+    assert parts["weights"] + parts["gradients"] + parts["optimizer"] == pytest.approx(24 * n, rel=1e-6)
+    assert parts["activations"] == 0 and not launched.single_process
+    assert any("peak memory at the optimizer step" in r for r in launched.reasons)
     accumulating = plan(PlanRequest(method="full", seq_len=512, global_batch_size=2, zero_stage=0, offload="none",
                                     micro_batch_size=1), one, shape).per_gpu_bytes
     assert accumulating["gradients"] == 2 * n  # kept across micro-batches
@@ -453,8 +458,8 @@ def test_deepspeed_lm_head_is_16_bit_on_any_number_of_ranks():
     """DeepSpeed's engine casts the model to its 16-bit precision whether it runs 1 rank or 2, so the loss's fp32
     upcast of the lm_head is charged alike; only a plain process keeps an fp16 full fine-tune's weights in fp32."""
     shape = resolve_shape("qwen2.5-0.5b")
-    request = PlanRequest(method="full", seq_len=1024, global_batch_size=2, zero_stage=2, micro_batch_size=1,
-                          gradient_checkpointing=True, deepspeed=True, loss_chunk_tokens=mem.SFT_LOSS_CHUNK_TOKENS)
+    request = PlanRequest(method="full", seq_len=4096, global_batch_size=2, zero_stage=2, micro_batch_size=1,
+                          gradient_checkpointing=False, deepspeed=True, loss_chunk_tokens=mem.SFT_LOSS_CHUNK_TOKENS)
     per_rank = [plan(request, parse_spec(spec), shape).per_gpu_bytes["activations"] for spec in ("1xT4", "2xT4")]
     assert per_rank[0] == per_rank[1]
     plain = plan(replace(request, zero_stage=0, deepspeed=False, global_batch_size=1), parse_spec("1xT4"), shape)
@@ -594,8 +599,13 @@ def test_ppo_trains_policy_and_value_in_one_backward_without_autocast():
     fp32_inputs = plan(replace(request, autocast=False), one, shape).per_gpu_bytes["activations"]
     lora = mem.activation_bytes(shape, **kw) - mem.activation_bytes(shape, **{**kw, "lora_r": 0})
     assert fp32_inputs - (policy + value) == pytest.approx(lora, rel=1e-9)  # 4 B instead of 2 per element
-    launched = plan(replace(request, autocast=False, deepspeed=True), one, shape).per_gpu_bytes["activations"]
-    assert launched == pytest.approx(policy + value, rel=1e-9)  # DeepSpeed's bf16 engine: 16-bit adapters
+    # DeepSpeed's bf16 engine: 16-bit adapters (8 rows, so that backward, not the step's fp32 grads, is the peak)
+    launched = plan(replace(request, autocast=False, deepspeed=True, global_batch_size=8, micro_batch_size=8), one,
+                    shape).per_gpu_bytes["activations"]
+    kw8 = {**kw, "micro_batch": 8}
+    assert launched == pytest.approx(mem.activation_bytes(shape, **kw8) + mem.logits_bytes(shape, seq_len=256,
+                                     micro_batch=8) + mem.activation_bytes(shape, **{**kw8, "lora_r": 0,
+                                                                                    "trainable_base": True}), rel=1e-9)
 
 
 def test_ppo_rollout_keeps_fp32_sampling_logits():
@@ -757,3 +767,38 @@ def test_a_pinned_plan_says_what_the_pins_cost():
     same = plan(replace(request, micro_batch_size=free.micro_batch_size), parse_spec("1xRTX3090-24GB"))
     assert any(r.startswith("the pins cost nothing") for r in same.reasons)
     assert not any("the pins cost" in r for r in free.reasons)
+
+
+def test_zero_gradients_in_backward_are_16_bit_and_fp32_ones_exist_only_in_the_step():
+    """DeepSpeed with bf16 (no grad_accum_dtype): ZeRO-1 keeps the 16-bit grads whole, ZeRO-2/3 the rank's partition;
+    the fp32 partition the optimizer steps on is made in step() after backward (stage_1_and_2.py, stage3.py), so the
+    peak is backward's or the step's, not both at once."""
+    shape = resolve_shape("llama-2-7b")
+    n, dp = shape.num_params, 8
+    for stage, g16 in ((1, 2 * n), (2, 2 * n / dp), (3, 2 * n / dp)):
+        s = mem.model_states(trainable=n, frozen_bytes=0, precision="bf16", state_bytes=8, zero_stage=stage, dp=dp,
+                             largest_layer=shape.largest_layer_params if stage == 3 else 0)
+        assert (s.gradients, s.step_gradients) == (pytest.approx(g16), pytest.approx(4 * n / dp))
+    request = PlanRequest(method="full", seq_len=2048, global_batch_size=8, zero_stage=1, micro_batch_size=1,
+                          gradient_checkpointing=False, loss_chunk_tokens=mem.SFT_LOSS_CHUNK_TOKENS, deepspeed=True)
+    p = plan(request, parse_spec("8xA100-80GB"), shape)
+    parts = p.per_gpu_bytes
+    assert p.fits and parts["gradients"] == int(2 * n) and parts["activations"] > 4 * n / dp  # backward is the peak
+
+
+def test_ppo_mini_batches_train_without_accumulation():
+    """TRL's PPO steps its optimizer once per mini-batch only without accumulation (its Accelerator accumulates over
+    whole rollout batches): num_mini_batches k > 1 pins micro-batch = the per-rank batch, each backward on 1/k of it."""
+    shape = resolve_shape("qwen2.5-0.5b")
+    request = PlanRequest(method="lora", seq_len=512, global_batch_size=16, generates=True, mini_batches=4,
+                          extra_models=[ExtraModel("reward", shape), ExtraModel("value", shape, trainable=True)])
+    two = parse_spec("2xA100-80GB")
+    p = plan(request, two, shape)
+    assert (p.micro_batch_size, p.gradient_accumulation_steps) == (8, 1)
+    assert any("4 mini-batches of 2 rows" in r for r in p.reasons)
+    rows2 = plan(replace(request, mini_batches=1, micro_batch_size=2), two, shape)
+    assert p.per_gpu_bytes["activations"] == rows2.per_gpu_bytes["activations"]  # the memory of 2-row backwards
+    with pytest.raises(UserError, match="plan.micro_batch_size=2: with ppo.num_mini_batches=4"):
+        plan(replace(request, micro_batch_size=2), two, shape)
+    with pytest.raises(UserError, match="ppo.num_mini_batches=3 does not divide the per-rank rollout batch 8"):
+        plan(replace(request, mini_batches=3), two, shape)
