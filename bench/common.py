@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
 
 GiB = 1024 ** 3
 RESULT_TAG = "BENCH_RESULT "
+GOAL_MISSED = 4  # exit status of a GPU script whose rows all ran but missed a goal (1: a row failed)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}

@@ -135,12 +135,12 @@ def main(argv=None) -> int:
         ok &= share >= GOAL or not gpu
     else:
         print("\n   FIGURE missing: the chosen plan did not run" + (f" ({chosen.get('error')})" if chosen else ""))
-        ok = False
+        return 1
     print(f"   OOM among points predicted to fit: {len(bad_oom)}"
           + ("" if not bad_oom else " -> " + ", ".join(f"micro {r['micro']} ckpt {r['ckpt']}" for r in bad_oom)))
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=2, default=str))
-    return 0 if ok and not bad_oom else 1
+    return 0 if ok and not bad_oom else common.GOAL_MISSED
 
 
 if __name__ == "__main__":

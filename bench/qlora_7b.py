@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     errors = [r for r in rows if r.get("error")]
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=2, default=str))
-    return 1 if errors else (0 if ok else 1)
+    return 1 if errors else (0 if ok else common.GOAL_MISSED)
 
 
 if __name__ == "__main__":
