@@ -36,8 +36,9 @@ def deepspeed_config(plan, gradient_clipping: float = 1.0) -> dict:
         zero.update(
             stage3_prefetch_bucket_size=int(0.9 * bucket),
             stage3_param_persistence_threshold=10 * hidden,  # HF's "auto" rule: small params stay resident
-            stage3_max_live_parameters=1_000_000_000,
-            stage3_max_reuse_distance=1_000_000_000,
+            # what the planner charges for (memory.zero3_gathered_bytes)
+            stage3_max_live_parameters=mem.STAGE3_REUSE_NUMEL,
+            stage3_max_reuse_distance=mem.STAGE3_REUSE_NUMEL,
             # save_model() then writes a full 16-bit model.safetensors instead of only ZeRO shards.
             stage3_gather_16bit_weights_on_model_save=True,
         )

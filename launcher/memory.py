@@ -166,9 +166,24 @@ class ModelStates:
         return self.weights + self.gradients + self.optimizer
 
 
+# ds_config's stage3_max_reuse_distance and stage3_max_live_parameters (HF's "auto" values, DeepSpeed's defaults)
+STAGE3_REUSE_NUMEL = 1_000_000_000
+
+
+def zero3_gathered_bytes(model_bytes: float, largest_layer: int, element_bytes: int) -> float:
+    """Weights ZeRO-3 holds gathered at the turn from forward to backward, plus one layer's 16-bit grads.
+
+    After a module runs, DeepSpeed keeps every parameter whose next use lies within stage3_max_reuse_distance
+    elements of upcoming modules (partitioned_param_coordinator.py, __params_to_release): around the turn, the last
+    layers up to that many elements, which is the whole model below ~1B parameters. `model_bytes`: the model as
+    stored (16-bit weights; 4-bit ones packed into 16-bit storage under ZeRO-3); `element_bytes`: that storage's."""
+    return min(model_bytes, element_bytes * (STAGE3_REUSE_NUMEL + largest_layer)) + 2 * largest_layer
+
+
 def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_bytes: float, zero_stage: int,
                  dp: int, offload_optimizer: bool = False, offload_param: bool = False,
-                 largest_layer: int = 0, deepspeed: bool = True, param_bytes: int = 4) -> ModelStates:
+                 largest_layer: int = 0, deepspeed: bool = True, param_bytes: int = 4,
+                 gathered: Optional[float] = None) -> ModelStates:
     """ZeRO partitioning of one model over `dp` data-parallel ranks.
 
     stage 1 splits master weights + optimizer states, stage 2 also gradients, stage 3 also the 16-bit weights
@@ -176,6 +191,7 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
     `deepspeed=False` is a single process under torch autocast: trainable weights and grads in `param_bytes` (4 for
     PEFT's adapters, which it keeps fp32 over a 16-bit base; the load dtype for a full fine-tune), no master copy;
     `state_bytes` is then already for that dtype (`optimizer_state_bytes(optim, param_bytes)`).
+    `gathered`: ZeRO-3's gathered weights (zero3_gathered_bytes); None = DeepSpeed's own estimate, 4 B x largest layer.
     """
     e = ELEMENT_BYTES[precision]
     mixed = e == 2
@@ -201,7 +217,9 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
         grads /= split
     if zero_stage == 3:
         weights = (weight16 + frozen_bytes) / split
-        weights += 4 * largest_layer  # the gathered layer (16-bit params + grads), DeepSpeed's largest_layer_memory
+        if gathered is None:
+            gathered = 4 * largest_layer  # the gathered layer (16-bit params + grads), DeepSpeed's largest_layer_memory
+        weights += gathered
     else:
         weights = weight16 + frozen_bytes
     host = 0.0
@@ -212,7 +230,7 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
         grads = trainable * 2 if (zero_stage == 1 and mixed) else 0.0
         optim = step_grads = 0.0
     if offload_param and zero_stage == 3:
-        resident = 4 * largest_layer
+        resident = gathered
         host += weights - resident
         weights = resident
     return ModelStates(weights, grads, optim, host, step_grads)

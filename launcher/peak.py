@@ -88,6 +88,7 @@ def _states(ctx: "_Context", stage: int, offload: str, hpz: bool):
     per_model = {}
     single_process = ctx.single_process(stage, offload)
     load = 0.0
+    e = mem.ELEMENT_BYTES[ctx.precision]
     for m in ctx.models:
         param_bytes, state_bytes = 4, ctx.state_bytes  # adapters and DeepSpeed's masters: fp32
         if single_process and not m.is_lora and m.trainable:
@@ -103,6 +104,8 @@ def _states(ctx: "_Context", stage: int, offload: str, hpz: bool):
                              state_bytes=state_bytes, param_bytes=param_bytes, zero_stage=stage, dp=ctx.dp,
                              offload_optimizer=offload != "none", offload_param=offload == "all",
                              largest_layer=m.shape.largest_layer_params if stage == 3 else 0,
+                             gathered=mem.zero3_gathered_bytes(m.trainable * e + m.frozen_bytes,
+                                                               m.shape.largest_layer_params, e) if stage == 3 else None,
                              deepspeed=not single_process)
         if hpz and stage == 3:  # ZeRO++ keeps a secondary 16-bit copy partitioned within the node
             s.weights += (m.trainable * 2 + m.frozen_bytes) / ctx.inventory.ranks_per_node

@@ -100,6 +100,9 @@ def rejections(ctx: _Context, best: Optional[_Result], per_config) -> list[dict]
 def _slower(other: _Result, best: Optional[_Result]) -> str:
     if best is None:
         return "slower"
+    if other.seconds < best.seconds:  # planner.OFFLOAD_MARGIN: faster, but not by enough to offload
+        return (f"predicted {other.seconds:.3g} s/step vs {best.seconds:.3g}: offload is chosen only when predicted "
+                f"at least 10 % faster than the fastest plan without it (host RAM, PCIe time)")
     if f"{other.seconds:.3g}" == f"{best.seconds:.3g}":  # the cost model's 1e-6 x stage tie-break decided
         return (f"as fast within the cost model's precision (predicted {other.seconds:.3g} s/step); ties go to the "
                 f"lower ZeRO stage")

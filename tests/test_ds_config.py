@@ -168,8 +168,8 @@ def test_recipe_max_grad_norm_reaches_both_configs(tmp_path):
 
 
 @pytest.mark.parametrize("recipe, spec, before, after", [
-    ("qlora_7b", "1xRTX3090-24GB", (0, 8, True), (0, 16, True)),
-    ("sft_7b", "8xV100-32GB", (3, 8, True), (3, 4, False)),
+    ("qlora_7b", "1xRTX3090-24GB", (0, 8, True), (0, 2, False)),
+    ("sft_7b", "8xA100-40GB", (2, 8, True), (2, 2, False)),
 ])
 def test_plan_fitted_to_the_longest_row_keeps_stage_and_config_in_step(recipe, spec, before, after, tmp_path):
     """A run whose rows are all shorter than data.max_length plans again for the longest (each micro-batch is padded

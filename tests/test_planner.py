@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from launcher import memory as mem
+from launcher.ds_config import deepspeed_config
 from launcher.errors import UserError
 from launcher.inventory import parse_spec
 from launcher.planner import ExtraModel, PlanRequest, estimate, plan
@@ -75,7 +76,7 @@ SCENARIOS = [
     ("full-7b-a100-80-single-fp32", "llama-2-7b", "full", "1xA100-80GB", 2048, 16, {"weight_dtype": "float32"},
      refused_or_offloaded),
     ("full-7b-8xa100-80", "llama-2-7b", "full", "8xA100-80GB", 2048, 64, {},
-     lambda p: fits_on_gpu_alone(p) and p.zero_stage >= 2),
+     lambda p: fits_on_gpu_alone(p) and p.zero_stage >= 1),
     ("full-7b-8xa100-40-zero3", "llama-2-7b", "full", "8xA100-40GB", 2048, 64, {},
      lambda p: fits_on_gpu_alone(p) and p.zero_stage == 3),
     ("full-7b-8xv100-fp16", "llama-2-7b", "full", "8xV100-32GB", 2048, 64, {},
@@ -802,3 +803,31 @@ def test_ppo_mini_batches_train_without_accumulation():
         plan(replace(request, micro_batch_size=2), two, shape)
     with pytest.raises(UserError, match="ppo.num_mini_batches=3 does not divide the per-rank rollout batch 8"):
         plan(replace(request, mini_batches=3), two, shape)
+
+
+def test_offload_is_chosen_only_when_clearly_faster():
+    """Offload needs host RAM and PCIe time the cost model does not see: a plan without it wins unless offload is
+    predicted at least planner.OFFLOAD_MARGIN faster, and the rejection says so."""
+    shape = resolve_shape("qwen2.5-7b")
+    request = PlanRequest(method="lora", seq_len=512, global_batch_size=64, deepspeed=True,
+                          loss_chunk_tokens=mem.SFT_LOSS_CHUNK_TOKENS)
+    p = plan(request, parse_spec("1xRTX3090-24GB"), shape)
+    assert p.fits and p.offload == "none"
+    close = [r for r in p.rejected if "offload is chosen only when predicted at least 10 % faster" in r["reason"]]
+    assert close and all(r["plan"]["offload"] != "none" for r in close)
+
+
+def test_zero3_charges_what_its_reuse_window_keeps_gathered():
+    """stage3_max_reuse_distance (1e9 elements, the generated config's) keeps every parameter reused within it
+    gathered: a 0.5B model stays whole on each rank; a 70B one keeps ~1e9 parameters of its last layers."""
+    small, big = resolve_shape("qwen2.5-0.5b"), resolve_shape("llama-2-70b")
+    assert mem.zero3_gathered_bytes(2 * small.num_params, small.largest_layer_params, 2) == \
+        2 * small.num_params + 2 * small.largest_layer_params
+    assert mem.zero3_gathered_bytes(2 * big.num_params, big.largest_layer_params, 2) == \
+        2 * (mem.STAGE3_REUSE_NUMEL + big.largest_layer_params) + 2 * big.largest_layer_params
+    request = PlanRequest(method="full", seq_len=512, global_batch_size=8, zero_stage=3, micro_batch_size=1,
+                          deepspeed=True)
+    parts = plan(request, parse_spec("8xA100-80GB"), small).per_gpu_bytes
+    assert parts["weights"] >= 2 * small.num_params  # partition + the whole model gathered
+    assert deepspeed_config(plan(request, parse_spec("8xA100-80GB"), small))["zero_optimization"][
+        "stage3_max_reuse_distance"] == mem.STAGE3_REUSE_NUMEL
