@@ -87,7 +87,8 @@ def build_plan(args):
         # what `ftlaunch run` does with these methods: TRL's SFTTrainer, chunked loss
         request = PlanRequest(shape=resolve_shape(args.model), method=args.method, seq_len=args.seq_len,
                               global_batch_size=args.global_batch, lora_r=args.lora_r, optimizer=args.optim,
-                              loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS, **pins)
+                              loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS,
+                              quantized_adapter_bytes=2, **pins)  # as the SFT recipe: TRL's bf16 QLoRA adapters
         spec = args.inventory
         clipping = 1.0
     request.deepspeed = args.deepspeed or args.ds_config  # a DeepSpeed JSON is for a launched run

@@ -2,6 +2,7 @@
 method holds (DPO's reference, PPO's reference/reward/value), shapes resolved offline. Pure; no torch."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from launcher.errors import UserError
@@ -20,6 +21,8 @@ def request_from_recipe(cfg) -> PlanRequest:
     else:
         method = "full"
     shape = resolve_shape(cfg.model.name, cfg.model.tiny)
+    if cfg.method in ("rm", "classify"):  # AutoModelForSequenceClassification: a score head, no lm_head
+        shape = replace(shape, score_head=True)
     trainable = None
     peft_method = cfg.peft.method
     if peft_method in ("prompt_tuning", "prefix_tuning"):
@@ -69,7 +72,8 @@ def request_from_recipe(cfg) -> PlanRequest:
         ppo = _section(cfg, "ppo")
         reward = _side_shape(ppo.get("reward_model"), shape, "reward", notes)
         value = _side_shape(ppo.get("value_model") or ppo.get("reward_model"), shape, "value", notes)
-        request.extra_models += [reference, ExtraModel("reward", reward), ExtraModel("value", value, trainable=True)]
+        request.extra_models += [reference, ExtraModel("reward", replace(reward, score_head=True)),
+                                 ExtraModel("value", replace(value, score_head=True), trainable=True)]
     return request
 
 

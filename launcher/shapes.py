@@ -31,6 +31,7 @@ class ModelShape:
     attention_bias: bool = False  # Qwen2 puts biases on q/k/v
     max_positions: int = 0  # learned position embeddings (encoders only)
     type_vocab: int = 0  # token-type embeddings (BERT)
+    score_head: bool = False  # a sequence-classification head (reward/value models, classifiers): no lm_head
 
     @property
     def dim_head(self) -> int:
@@ -47,10 +48,10 @@ class ModelShape:
     @property
     def embedding_params(self) -> int:
         """Input embeddings plus, when untied, the lm_head: the part QLoRA does not quantize (and then holds in fp32,
-        prepare_model_for_kbit_training)."""
+        prepare_model_for_kbit_training). A score head replaces the lm_head."""
         if self.arch == "encoder":
             return (self.vocab + self.max_positions + self.type_vocab) * self.hidden
-        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return self.vocab * self.hidden * (1 if (self.tied_embeddings or self.score_head) else 2)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every linear layer in one block, keyed by its usual module name."""
@@ -81,7 +82,7 @@ class ModelShape:
         h = self.hidden
         if self.arch == "encoder":  # embeddings + their LayerNorm, layers, pooler
             return self.embedding_params + 2 * h + self.layers * self.params_per_layer + h * h + h
-        return self.embedding_params + self.layers * self.params_per_layer + h  # + final norm
+        return self.embedding_params + self.layers * self.params_per_layer + h * (2 if self.score_head else 1)  # + norm
 
     @property
     def largest_layer_params(self) -> int:

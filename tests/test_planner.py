@@ -831,3 +831,18 @@ def test_zero3_charges_what_its_reuse_window_keeps_gathered():
     assert parts["weights"] >= 2 * small.num_params  # partition + the whole model gathered
     assert deepspeed_config(plan(request, parse_spec("8xA100-80GB"), small))["zero_optimization"][
         "stage3_max_reuse_distance"] == mem.STAGE3_REUSE_NUMEL
+
+
+def test_reward_and_value_models_have_a_score_head_not_an_lm_head():
+    """AutoModelForSequenceClassification drops the lm_head for a hidden x 1 score head: an untied 7B reward model
+    is vocab x hidden parameters smaller than the causal LM, as the planner counts it for rm and PPO's side models."""
+    from launcher.config import load_recipe
+
+    llama = resolve_shape("llama-2-7b")
+    scored = replace(llama, score_head=True)
+    assert llama.num_params - scored.num_params == llama.vocab * llama.hidden - llama.hidden
+    assert request_from_recipe(load_recipe("rm_7b", None, [])).shape.score_head
+    ppo = request_from_recipe(load_recipe("ppo_7b", None, []))
+    assert not ppo.shape.score_head
+    assert {m.role: m.shape.score_head for m in ppo.extra_models} == {"reference": False, "reward": True,
+                                                                      "value": True}
