@@ -214,21 +214,25 @@ def _lookup(data: dict, dotted: str):
 
 
 def checkpoint_layout(path: Path) -> dict:
-    """How a checkpoint was written: world size and whether by DeepSpeed (ZeRO shards) or plain torch."""
+    """How a checkpoint was written: world size, whether by DeepSpeed or plain torch, and DeepSpeed's ZeRO stage
+    (None where unknown: an older checkpoint with ZeRO optimizer shards, stage 1-3)."""
     path = Path(path)
     info = {}
     try:
         info = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         pass
-    shards = list(path.glob("global_step*/*zero_pp_rank_*_optim_states.pt")) + list(path.glob(
-        "global_step*/zero_pp_rank_*_model_states.pt"))
+    optim_shards = list(path.glob("global_step*/*zero_pp_rank_*_optim_states.pt"))
+    shards = optim_shards + list(path.glob("global_step*/zero_pp_rank_*_model_states.pt"))
     deepspeed = bool(list(path.glob("global_step*"))) or info.get("deepspeed", False)
     world = info.get("world_size")
     if world is None:
         ranks = {re.search(r"zero_pp_rank_(\d+)_", p.name).group(1) for p in shards}
         world = len(ranks) or len(list(path.glob("rng_state_*.pth"))) or 1
-    return {"world_size": int(world), "deepspeed": deepspeed}
+    stage = info.get("zero_stage")
+    if stage is None and deepspeed and not optim_shards:
+        stage = 0  # ZeRO-0 keeps the whole optimizer state in mp_rank_00_model_states.pt
+    return {"world_size": int(world), "deepspeed": deepspeed, "zero_stage": stage}
 
 
 # Optimizers whose state DeepSpeed's universal checkpoint can re-cut: ds_to_universal knows Adam's exp_avg and
@@ -237,12 +241,14 @@ UNIVERSAL_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
 CONVERT_TIMEOUT_HOURS = 6  # rank 0 converts while the others wait: a 70B full fine-tune's states are ~1 TB
 
 
-def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str | None = None) -> bool:
+def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str | None = None,
+                    zero_stage: int | None = None) -> bool:
     """Refuse (UserError, exit 2) a resume that would not be exact; True when it needs DeepSpeed's universal
     checkpoint (`to_universal`): a DeepSpeed checkpoint resumed by DeepSpeed on a new number of ranks, whose ZeRO
-    partitions of the optimizer state must be re-cut. The plain HF Trainer silently starts a fresh optimizer from a
-    DeepSpeed checkpoint (and the other way round), so a change of launcher is refused. Tried with DeepSpeed
-    0.19.8 / transformers 5.23."""
+    partitions of the optimizer state must be re-cut. ZeRO-0 writes its optimizer state whole, which loads on any
+    number of ranks as it is, but only into ZeRO-0 (and a ZeRO-1-3 one only into ZeRO-1-3). The plain HF Trainer
+    silently starts a fresh optimizer from a DeepSpeed checkpoint (and the other way round), so a change of launcher
+    is refused. Tried with DeepSpeed 0.19.8 / transformers 5.23. `zero_stage`: this run's plan."""
     from launcher.errors import UserError
 
     layout = checkpoint_layout(path)
@@ -253,7 +259,13 @@ def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str
             f"run has {how(world_size, deepspeed)} (its optimizer state cannot be carried over exactly); resume "
             f"with the same launcher{' and rank count' if not deepspeed else ''}, or start afresh in a new "
             f"output_dir")
-    repartition = layout["world_size"] != world_size
+    was = layout["zero_stage"]  # None: 1, 2 or 3
+    if deepspeed and zero_stage is not None and (was == 0) != (zero_stage == 0):
+        written = "ZeRO-0, which stores the optimizer state whole" if was == 0 else \
+            f"ZeRO-{was or '1-3'}, which stores the optimizer state in partitions"
+        raise UserError(f"cannot resume {path.name} with ZeRO-{zero_stage}: it was written with {written}; pin that "
+                        f"stage (plan.zero_stage={was if was is not None else 1}), or start afresh in a new output_dir")
+    repartition = layout["world_size"] != world_size and was != 0
     optimizer = optimizer or "adamw_torch"  # the HF default when a recipe names none
     if repartition and optimizer not in UNIVERSAL_OPTIMIZERS:
         raise UserError(

@@ -313,7 +313,8 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     if resume is not None and resumes:
         from launcher.checkpoints import check_resumable
 
-        repartition = check_resumable(resume, env.world_size, ctx.ds_config is not None, ctx.cfg.training.get("optim"))
+        repartition = check_resumable(resume, env.world_size, ctx.ds_config is not None, ctx.cfg.training.get("optim"),
+                                      ctx.plan.zero_stage if ctx.ds_config is not None else None)
 
     started = time.time()
     join_process_group(ctx)

@@ -160,7 +160,9 @@ class CheckpointCommitter(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         barrier()  # every rank's shard is written
         if state.is_world_process_zero and path.is_dir():
-            mark_complete(path, {"world_size": args.world_size, "deepspeed": bool(args.deepspeed)})
+            ds = args.deepspeed if isinstance(args.deepspeed, dict) else {}
+            mark_complete(path, {"world_size": args.world_size, "deepspeed": bool(args.deepspeed),
+                                 "zero_stage": (ds.get("zero_optimization") or {}).get("stage")})
             rotate(Path(args.output_dir), self.keep, protect=(state.best_model_checkpoint,))
         barrier()
         return control

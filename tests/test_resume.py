@@ -35,13 +35,16 @@ def _bench():
     return module
 
 
-def fake_checkpoint(out: Path, step: int, complete: bool = True, world_size: int = 1, deepspeed: bool = False) -> Path:
+def fake_checkpoint(out: Path, step: int, complete: bool = True, world_size: int = 1, deepspeed: bool = False,
+                    zero_stage: int = 2) -> Path:
     path = out / f"checkpoint-{step}"
     path.mkdir(parents=True)
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (path / "adapter_model.safetensors").write_bytes(b"x" * 16)
     if deepspeed:
         (path / f"global_step{step}").mkdir()
+        for rank in range(world_size if zero_stage else 0):  # ZeRO-0 keeps the optimizer in mp_rank_00_model_states
+            (path / f"global_step{step}" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x")
     if complete:
         ck.mark_complete(path, {"world_size": world_size, "deepspeed": deepspeed})
     return path
@@ -132,6 +135,15 @@ def test_resume_layouts_that_cannot_carry_the_optimizer_over(tmp_path):
     for world, ds, now_world, now_ds in ((1, False, 2, False), (1, False, 1, True), (2, True, 2, False)):
         with pytest.raises(UserError, match="cannot resume checkpoint-6"):
             ck.check_resumable(layout(world, ds), now_world, now_ds)
+    # ZeRO-0 stores the optimizer state whole (no shards): it loads on any rank count as it is, into ZeRO-0 only
+    zero0 = lambda world: fake_checkpoint(tmp_path / str(next(cases)), 6, world_size=world, deepspeed=True,  # noqa
+                                          zero_stage=0)
+    assert ck.checkpoint_layout(zero0(2))["zero_stage"] == 0
+    assert ck.check_resumable(zero0(2), 1, True, zero_stage=0) is False
+    with pytest.raises(UserError, match=r"with ZeRO-2: it was written with ZeRO-0, .* \(plan.zero_stage=0\)"):
+        ck.check_resumable(zero0(2), 1, True, zero_stage=2)
+    with pytest.raises(UserError, match=r"with ZeRO-0: it was written with ZeRO-1-3, .* \(plan.zero_stage=1\)"):
+        ck.check_resumable(layout(2, True), 2, True, zero_stage=0)
     # ds_to_universal converts Adam's exp_avg / exp_avg_sq only: other optimizers keep their rank count
     assert ck.check_resumable(layout(2, True), 2, True, "paged_adamw_8bit") is False
     with pytest.raises(UserError, match="re-cuts only Adam's state .* not training.optim=paged_adamw_8bit"):
@@ -327,6 +339,26 @@ def test_two_rank_zero2_sigkill_resume_is_bitwise_exact(tmp_path, capsys):
     assert [l for _, l in after(moved)] == pytest.approx([l for _, l in after(ref)], abs=1e-5)
     assert ck.checkpoint_layout(moved / f"checkpoint-{steps}")["world_size"] == 1
     assert "load_universal" not in (moved / "ds_config.json").read_text()  # that start's switch only
+
+
+@pytest.mark.slow
+def test_zero0_checkpoint_resumes_on_a_new_rank_count(tmp_path):
+    """The planner's ZeRO-0 (what lora_tiny gets on 2 CPU ranks) writes no ZeRO shards for a universal checkpoint to
+    re-cut: its whole optimizer state loads on one rank as it is (a traceback from ds_to_universal before)."""
+    bench = _bench()
+    base = [("plan.zero_stage=0" if a == "plan.zero_stage=2" else a) for a in bench.BASE]
+    two, one = tmp_path / "two", tmp_path / "one"
+    rc, text = bench.run_to_end(two, 4, ranks=2, base=base, extra=["safety.keep_checkpoints=4"])
+    assert rc == 0, text[-3000:]
+    assert ck.checkpoint_layout(two / "checkpoint-2") == {"world_size": 2, "deepspeed": True, "zero_stage": 0}
+    one.mkdir()
+    shutil.copytree(two / "checkpoint-2", one / "checkpoint-2")
+    rc, text = bench.run_to_end(one, 4, ranks=1, base=base)
+    assert rc == 0, text[-3000:]
+    assert "resuming from" in text and "re-cutting" not in text
+    assert manifest(one)["status"] == "finished" and manifest(one)["metrics"]["global_step"] == 4
+    # the same two steps from the same state, on one rank instead of two (same global batch): float summation order
+    assert bench.compare_weights(two / "adapter_model.safetensors", one / "adapter_model.safetensors") < 1e-5
 
 
 @pytest.mark.slow
