@@ -119,3 +119,50 @@ def update_manifest(output_dir: Path, **fields) -> None:
     data = read_manifest(output_dir) or {}
     data.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _write_atomic(Path(output_dir) / "manifest.json", data)
+
+
+# Settings that do not change what a finished run trained: where it is, what it is called, how it is evaluated
+# and guarded, which what-if it was planned for.
+UNTRAINED_KEYS = ("output_dir", "description", "name", "eval.", "safety.", "plan.inventory")
+
+
+def changed_settings(manifest: dict | None, cfg) -> list[str]:
+    """'key: before -> now' for each trained setting of `cfg` that differs from a finished run's (its manifest)."""
+    from launcher.config import to_yaml_dict
+
+    if not manifest or manifest.get("status") != "finished" or not isinstance(manifest.get("config"), dict):
+        return []
+    before, now = _flat(manifest["config"]), _flat(to_yaml_dict(cfg))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) & set(now))
+            if not k.startswith(UNTRAINED_KEYS) and _same_place(before[k]) != _same_place(now[k])
+            and "***" not in f"{before[k]}{now[k]}"]  # redaction may touch an env value inside a path
+
+
+def check_finished_run_unchanged(out: Path, previous: dict, cfg, resume: str) -> None:
+    """Rerunning a finished run's command does nothing; anything else aimed at its directory is refused (UserError,
+    exit 2) rather than quietly ignored: other trained settings, --resume never, a checkpoint path that is not one."""
+    from launcher.errors import UserError
+
+    if resume == "never":
+        raise UserError(f"--resume never: {out} already holds a finished run; use a new output_dir")
+    if resume != "auto" and not (Path(resume) / "trainer_state.json").is_file():
+        raise UserError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
+    changed = changed_settings(previous, cfg)
+    if changed:
+        raise UserError(f"{out} already holds a finished run with other settings ({'; '.join(changed[:3])}"
+                        f"{' ...' if len(changed) > 3 else ''}); use a new output_dir, or to train this model "
+                        f"further start from it: model.name={out} output_dir=NEW")
+
+
+def _same_place(value):
+    """A path as the same place however it is spelt (relative or absolute)."""
+    if isinstance(value, str) and value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def _flat(data: dict) -> dict:
+    """Dotted key -> value of every setting that is not a section."""
+    from launcher.config_checks import walk
+
+    return {where: value for where, key, value in walk(data) if key and not isinstance(value, dict)}

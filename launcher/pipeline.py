@@ -45,38 +45,12 @@ REFERENCE = re.compile(r"\{([A-Za-z][A-Za-z0-9_-]*)\}")
 def _check_finished_stage_unchanged(name: str, out: Path, cfg) -> None:
     """A finished stage is skipped; if its settings have changed since, skipping it would feed the next stages the
     old model (a new reward model's settings, PPO on the old one): refuse, naming what changed."""
-    from launcher.config import to_yaml_dict
-    from launcher.manifest import read_manifest
+    from launcher.manifest import changed_settings, read_manifest
 
-    manifest = read_manifest(out) or {}
-    if manifest.get("status") != "finished" or not isinstance(manifest.get("config"), dict):
-        return
-    before, now = _flat(manifest["config"]), _flat(to_yaml_dict(cfg))
-    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) & set(now))
-               if not k.startswith(UNTRAINED_KEYS) and _same_place(before[k]) != _same_place(now[k])
-               and "***" not in f"{before[k]}{now[k]}"]  # redaction may touch an env value inside a path
+    changed = changed_settings(read_manifest(out), cfg)
     if changed:
         raise UserError(f"pipeline stage '{name}': {out} finished with other settings ({'; '.join(changed[:3])}"
                         f"{' ...' if len(changed) > 3 else ''}); remove {out} to train it again, or drop the change")
-
-
-# Settings that do not change what a finished stage trained: where it is, what it is called, how it is evaluated
-# and guarded, which what-if it was planned for.
-UNTRAINED_KEYS = ("output_dir", "description", "name", "eval.", "safety.", "plan.inventory")
-
-
-def _same_place(value):
-    """A path as the same place however it is spelt (relative or absolute)."""
-    if isinstance(value, str) and value and Path(value).exists():
-        return str(Path(value).resolve())
-    return value
-
-
-def _flat(data: dict) -> dict:
-    """Dotted key -> value of every setting that is not a section."""
-    from launcher.config_checks import walk
-
-    return {where: value for where, key, value in walk(data) if key and not isinstance(value, dict)}
 
 
 def parse_args(argv: list[str]):

@@ -290,13 +290,14 @@ def run(argv: list[str]) -> int:
 
 
 def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
-    from launcher.manifest import read_manifest, update_manifest
+    from launcher.manifest import check_finished_run_unchanged, read_manifest, update_manifest
     from recipes import common
 
     env, out = ctx.env, ctx.output_dir
     common.check_training_keys(ctx.cfg.training, common.args_class(module.ARGS_CLASS))  # a typo is no "nothing to do"
     previous = read_manifest(out)
-    if previous and previous.get("status") == "finished" and args.resume != "never":
+    if previous and previous.get("status") == "finished":
+        check_finished_run_unchanged(out, previous, ctx.cfg, args.resume)
         if env.is_main:
             print(f"ftlaunch: {out} already holds a finished run (step {previous.get('step', '?')}); nothing to do "
                   f"(to train again use a new output_dir; to train this model further, start from it: "

@@ -64,7 +64,9 @@ def tiny_model_dir(overrides: dict | None, seed: int) -> Path:
 
 
 def model_path(cfg) -> str:
-    """Where `from_pretrained` finds the model: tiny (built here), pkg:… (converted once), a local dir or a hub id."""
+    """Where `from_pretrained` finds the model: tiny (built here), pkg:… (converted once), a local dir or a hub id.
+    A LoRA/QLoRA run's output (an adapter dir) starts the next run as its base with the adapter merged in
+    (`merged_dir`): a pipeline's next stage, or "train this model further"; the new run trains fresh adapters."""
     name = cfg.model.name
     if name == "tiny":
         return str(tiny_model_dir(cfg.model.tiny, seed=cfg.seed))
@@ -74,6 +76,8 @@ def model_path(cfg) -> str:
         return resolve_model(name)
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")) or path.exists():
+        if is_adapter_dir(path):
+            return str(merged_dir(path))
         if not (path / "config.json").is_file():
             raise UserError(f"model.name: '{name}' is not a model directory (no config.json); "
                             f"give a directory written by save_pretrained or a hub id")
@@ -318,9 +322,9 @@ def is_adapter_dir(path) -> bool:
 def merged_dir(adapter_dir, auto_class=None, **load_kwargs) -> Path:
     """A full-model copy of `adapter_dir` (base + adapter, merged), made once and cached next to the tiny models.
 
-    PPO needs plain models (its reward/value code calls `model.score` on the backbone; the policy gets a fresh
-    adapter), so adapter outputs of earlier stages (SFT LoRA/QLoRA, RM LoRA) are merged before use, the way
-    `ftlaunch export --merge` merges them (QLoRA into its dequantised base).
+    Adapter outputs of earlier runs (SFT LoRA/QLoRA, RM LoRA) are merged before use as a model (PPO's reward/value
+    code also calls `model.score` on the backbone), the way `ftlaunch export --merge` merges them (QLoRA into its
+    dequantised base).
     """
     adapter_dir = Path(adapter_dir).resolve()
     # "v": how merging is done (2: QLoRA adapters into their dequantised base); a change must not reuse old copies

@@ -39,15 +39,6 @@ DATA_KIND = "prompts"
 ARGS_CLASS = "trl.experimental.ppo:PPOConfig"  # its TrainingArguments class (checked before a run starts)
 
 
-def policy_path(cfg) -> str:
-    """The policy's starting weights: `model.name` as the builder resolves it, or an adapter dir merged into its base
-    (the SFT stage of a pipeline may have trained LoRA; PPO then puts a fresh adapter on the merged model)."""
-    name = cfg.model.name
-    if builder.is_adapter_dir(os.path.expanduser(name)):
-        return str(builder.merged_dir(os.path.expanduser(name)))
-    return builder.model_path(cfg)
-
-
 def scorer_paths(cfg) -> tuple[str, str]:
     """(reward model, value model) as full-model directories; missing paths fail naming the field."""
     from transformers import AutoModelForSequenceClassification
@@ -136,7 +127,7 @@ def build(ctx):
     cfg = ctx.cfg
     section = cfg.section("ppo")
     reward_path, value_path = scorer_paths(cfg)  # fail fast on a missing reward model, before any loading
-    path = policy_path(cfg)
+    path = builder.model_path(cfg)  # an SFT stage's LoRA output: merged, then a fresh adapter
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path, padding_side="left")
     plan = ctx.plan  # fitted to the data by load_inputs
     if not isinstance(bundle.train[0]["prompt"], str):

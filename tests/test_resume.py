@@ -204,6 +204,26 @@ def test_a_resume_that_would_mix_two_runs_is_refused(tmp_path, capsys):
     assert (out / "recipe.yaml").read_text() == recipe and ck.is_complete(out / "checkpoint-6")
 
 
+def test_a_finished_run_is_redone_by_nothing_and_changed_by_nothing(tmp_path, capsys):
+    """The same command into a finished run's directory does nothing (exit 0); other trained settings, --resume
+    never or a checkpoint path that is not one are refused in one line (they were ignored with exit 0)."""
+    from launcher.config import load_recipe
+    from launcher.manifest import write_manifest
+
+    out = tmp_path / "run"
+    fake_checkpoint(out, 6)
+    cfg = load_recipe("lora_tiny", None, [f"output_dir={out}"])
+    write_manifest(out, cfg, {}, ["ftlaunch", "run"], "finished", 1)
+    base = ("run", "--recipe", "lora_tiny", f"output_dir={out}")
+    assert run_inprocess(*base, "eval.num_examples=3") == 0  # how it is evaluated is not what it trained
+    assert "already holds a finished run (step ?); nothing to do" in capsys.readouterr().out
+    line = _one_line(run_inprocess(*base, "training.max_steps=8"), capsys)
+    assert "already holds a finished run with other settings (training.max_steps: 300 -> 8)" in line
+    assert "--resume never: " in _one_line(run_inprocess(*base, "--resume", "never"), capsys)
+    assert "not a checkpoint directory" in _one_line(run_inprocess(*base, "--resume", str(tmp_path / "nope")), capsys)
+    assert (out / "checkpoint-6").is_dir()
+
+
 def test_ctrl_c_leaves_an_interrupted_record(tmp_path, capsys, monkeypatch):
     """Ctrl-C mid-run (KeyboardInterrupt at a step boundary): exit 130 and the manifest says interrupted at that
     step, not 'running' for ever."""

@@ -189,13 +189,14 @@ def test_ppo_tiny_reward_rises(tmp_path, rm_dir, policy_dir):
 
 
 def test_adapter_dirs_are_merged_for_ppo(tmp_path):
-    """PPO's policy may start from an SFT stage's LoRA output: merged into its base once, cached."""
+    """PPO's policy (any recipe's model.name) may start from an SFT stage's LoRA output: merged into its base once,
+    cached."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from launcher.config import load_recipe
-    from recipes import builder, ppo
+    from recipes import builder
 
     base = builder.tiny_model_dir(None, seed=0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear"))
@@ -204,9 +205,9 @@ def test_adapter_dirs_are_merged_for_ppo(tmp_path):
             torch.nn.init.normal_(p, std=0.05)  # a non-trivial adapter
     model.save_pretrained(tmp_path / "adapter")
     cfg = load_recipe("ppo_tiny", overrides=[f"model.name={tmp_path / 'adapter'}", "ppo.reward_model=x"])
-    merged = Path(ppo.policy_path(cfg))
+    merged = Path(builder.model_path(cfg))
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
-    assert ppo.policy_path(cfg) == str(merged)  # cached
+    assert builder.model_path(cfg) == str(merged)  # cached
     ids = torch.tensor([[1, 40, 41, 42]])
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
     with torch.no_grad():
