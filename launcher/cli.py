@@ -77,6 +77,9 @@ def guarded(func, argv: list[str], debug: bool, verbose: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed ftlaunch check ...` puts --local_rank=N before the command; the rank is in $LOCAL_RANK as well
+    while argv and argv[0].startswith("--local_rank"):
+        argv = argv[2:] if argv[0] == "--local_rank" else argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

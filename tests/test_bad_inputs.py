@@ -304,3 +304,10 @@ def test_cli_two_ranks_global_batch_not_divisible(tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("ftlaunch:")]
     assert len(ours) == 1 and "plan.global_batch_size=3" in ours[0], ours
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_deepspeed_local_rank_argument_before_the_command(capsys):
+    """`deepspeed ftlaunch check ...` passes --local_rank=N first (in either spelling): not an unknown command."""
+    assert run_inprocess("--local_rank=0", "recipes") == 0
+    assert run_inprocess("--local_rank", "1", "recipes") == 0
+    assert "lora_tiny" in capsys.readouterr().out
