@@ -37,7 +37,22 @@ def _plan_parser() -> ArgParser:
     return p
 
 
+def _check_optimizer_name(name: str) -> None:
+    """--optim is an HF `optim` name (what training.optim takes); only then is transformers imported (~4 s)."""
+    import difflib
+
+    from transformers.training_args import OptimizerNames
+
+    valid = [o.value for o in OptimizerNames]
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1)
+        raise UserError(f"--optim: '{name}' is not an HF optimizer name{f' (did you mean {close[0]}?)' if close else ''}"
+                        f"; e.g. adamw_torch, adamw_torch_fused, paged_adamw_8bit, adafactor")
+
+
 def _pins(args) -> dict:
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise UserError(f"--micro-batch: must be positive, got {args.micro_batch}")
     pins = {"zero_stage": args.zero_stage, "offload": args.offload, "micro_batch_size": args.micro_batch,
             "gradient_checkpointing": None if args.gradient_checkpointing is None
             else args.gradient_checkpointing == "on", "memory_fraction": args.memory_fraction}
@@ -76,6 +91,10 @@ def build_plan(args):
             raise UserError("ftlaunch plan: give --recipe NAME (or --config FILE), or --model NAME --method METHOD")
         if args.overrides:
             raise UserError(f"ftlaunch plan: key=value overrides ({args.overrides[0]}) need --recipe or --config")
+        if args.lora_r is not None and args.method not in ("lora", "qlora"):
+            raise UserError(f"--lora-r: applies to --method lora or qlora, not {args.method or 'full'}")
+        if args.optim is not None:
+            _check_optimizer_name(args.optim)
         args.method, args.optim = args.method or "full", args.optim or "adamw_torch"
         for name, value, default in (("--seq-len", args.seq_len, 2048), ("--global-batch", args.global_batch, 16),
                                      ("--lora-r", args.lora_r, 16)):

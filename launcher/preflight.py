@@ -299,6 +299,8 @@ def cmd_check(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.timeout <= 0:
         raise UserError("--timeout must be positive")
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        raise UserError(f"--ranks-per-node: must be positive, got {args.ranks_per_node}")
     per_node = args.ranks_per_node
     local = _local_world_size(os.environ)
     if per_node is None:

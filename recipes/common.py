@@ -140,7 +140,22 @@ def make_args(config_cls, kwargs: dict):
     try:
         return config_cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise UserError(f"training: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(_training_error(str(e).strip().splitlines()[0], kwargs)) from None
+
+
+def _training_error(first_line: str, kwargs: dict) -> str:
+    """HF's "X is not a valid OptimizerNames, please select one of [40 names]" as one short line naming the key."""
+    import difflib
+
+    m = re.match(r"'?(.+?)'? is not a valid (\w+), please select one of \[(.*)\]", first_line)
+    keys = [k for k, v in kwargs.items() if m and str(v) == m.group(1)]
+    if not keys:
+        return f"training: {first_line}"
+    valid = [v.strip(" '\"") for v in m.group(3).split(",")]
+    close = difflib.get_close_matches(m.group(1), valid, n=1)
+    shown = ", ".join(valid[:8]) + (", ..." if len(valid) > 8 else "")
+    return (f"training.{keys[0]}: '{m.group(1)}' is not a valid {m.group(2)}"
+            f"{f' (did you mean {close[0]}?)' if close else ''}; one of {shown}")
 
 
 def _check_training_value(key: str, value, type_name: str) -> None:

@@ -108,6 +108,8 @@ BAD_RUNS = [
     ("lora_target_not_in_model", "lora_tiny", ["peft.target_modules=[foo_proj]"], None,
      ["peft.target_modules: 'foo_proj' not in this model", "q_proj"]),
     ("range_max_steps", "lora_tiny", ["training.max_steps=0"], None, ["training.max_steps: must be a positive"]),
+    ("enum_training_value", "lora_tiny", ["training.optim=adamw_torhc"], None,
+     ["training.optim: 'adamw_torhc' is not a valid OptimizerNames (did you mean adamw_torch?)"]),
     ("unknown_training_key", "lora_tiny", ["training.learning_rat=1e-3"], None,
      ["training.learning_rat", "did you mean 'training.learning_rate'"]),
     ("unknown_method_section_key", "ppo_tiny", ["ppo.kl_coeff=0.1"], None,
@@ -200,6 +202,17 @@ def test_bad_arguments_are_one_line_not_a_usage_block(argv, expected, tmp_path, 
     """argparse's own errors follow the contract too: one line naming the argument and pointing at --help."""
     code = run_inprocess(*argv)
     assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", expected, f"ftlaunch {argv[0]} --help")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["plan", "--model", "llama-2-7b", "--lora-r", "8"], "--lora-r: applies to --method lora or qlora, not full"),
+    (["plan", "--model", "llama-2-7b", "--micro-batch", "0"], "--micro-batch: must be positive, got 0"),
+    (["plan", "--model", "llama-2-7b", "--optim", "adamw_torhc"], "(did you mean adamw_torch?)"),
+    (["check", "--ranks-per-node", "0"], "--ranks-per-node: must be positive, got 0"),
+], ids=["lora_r_full", "micro_0", "optim", "ranks_per_node"])
+def test_argument_values_argparse_accepts_but_mean_nothing(argv, expected, tmp_path, capsys):
+    """Values of the right type that would be ignored or mean nothing: refused in one line, not planned around."""
+    assert_clean_failure(run_inprocess(*argv), capsys.readouterr().err, tmp_path / "out", expected)
 
 
 @pytest.mark.parametrize("command", ["run", "plan", "inventory", "recipes", "pipeline", "slurm", "check", "export",
