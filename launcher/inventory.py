@@ -149,6 +149,11 @@ _SPEC = re.compile(r"^(?:(\d+)\s*[x*]\s*)?(?:(\d+)\s*[x*]\s*)?([a-z][a-z0-9]*?)"
                    r"(?:-(\d+(?:\.\d+)?)\s*(?:GB|GIB|G)?)?$", re.IGNORECASE)
 
 
+def assumed_host_ram(gpus_per_node: int, gpu_bytes: int) -> int:
+    """A what-if node has no host to probe: sized like a typical server, 2x its GPU memory, at least 64 GiB."""
+    return max(64 * GiB, 2 * gpus_per_node * gpu_bytes)
+
+
 def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
     """`[NODES x] GPUS x NAME[-MEM]` or `[N x]cpu` -> Inventory. Bad spec -> UserError."""
     text = (spec or "").strip()
@@ -201,9 +206,9 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
         notes.append(f"GPU '{name}' is not in the catalogue{hint}: assumed bf16-capable, "
                      f"{model.tflops16:.0f} TFLOPS")
     gpu = GpuInfo(key if key in GPU_CATALOGUE else name, total, None, model.compute_capability)
-    # A what-if has no host to probe; size it like a typical server (2x its GPU memory, at least 64 GiB).
-    ram = host_ram_bytes if host_ram_bytes is not None else max(64 * GiB, 2 * gpus * gpu.total_bytes)
-    notes.append(f"host RAM per node assumed {ram / GiB:.0f} GiB (what-if spec)")
+    ram = host_ram_bytes if host_ram_bytes is not None else assumed_host_ram(gpus, gpu.total_bytes)
+    notes.append(f"host RAM per node {'given' if host_ram_bytes is not None else 'assumed'} {ram / GiB:.0f} GiB "
+                 f"(what-if spec{'' if host_ram_bytes is not None else '; --host-ram GiB to set it'})")
     return Inventory("spec", nodes, gpus, gpu, host_ram_bytes=ram, host_ram_assumed=host_ram_bytes is None,
                      notes=notes)
 
@@ -302,7 +307,7 @@ def _slowest(gpus: list[GpuInfo]) -> Optional[GpuInfo]:
 # ---------------------------------------------------------------- detection
 
 def detect_inventory(spec: Optional[str] = None, env: Mapping[str, str] = os.environ,
-                     hostfile: Optional[str] = None) -> Inventory:
+                     hostfile: Optional[str] = None, host_ram_bytes: Optional[int] = None) -> Inventory:
     """spec > Slurm allocation > DeepSpeed hostfile > local NVML GPUs > CPU ranks.
 
     In a launched process (WORLD_SIZE set) the rank count is the launcher's, so the batch geometry matches what
@@ -311,7 +316,9 @@ def detect_inventory(spec: Optional[str] = None, env: Mapping[str, str] = os.env
     if spec and hostfile:
         raise UserError("give an inventory spec or a hostfile, not both (--inventory / --hostfile)")
     if spec:
-        return parse_spec(spec)
+        return parse_spec(spec, host_ram_bytes)
+    if host_ram_bytes is not None:
+        raise UserError("--host-ram: sets a what-if --inventory spec's host RAM; a real machine's is measured")
     total, available, shm, cpus = probe_host()
     host = dict(host_ram_bytes=total, host_free_bytes=available, shm_bytes=shm, cpu_count=cpus)
     local = probe_gpus(env)

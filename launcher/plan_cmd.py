@@ -23,6 +23,8 @@ def _plan_parser() -> ArgParser:
     p.add_argument("--optim", help="without a recipe: HF optim name (default adamw_torch)")
     p.add_argument("--inventory", help="what-if hardware, e.g. 1xRTX3090-24GB, 8xA100-40GB, 4x8xH100-80GB, 2xcpu")
     p.add_argument("--hostfile", help="plan for the nodes of a DeepSpeed hostfile (GPUs probed here)")
+    p.add_argument("--host-ram", type=float, metavar="GIB",
+                   help="host RAM per node of a what-if --inventory (default: 2x its GPU memory, at least 64)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
     p.add_argument("--offload", choices=["none", "optimizer", "all"])
     p.add_argument("--micro-batch", type=int)
@@ -111,7 +113,10 @@ def build_plan(args):
         spec = args.inventory
         clipping = 1.0
     request.deepspeed = args.deepspeed or args.ds_config  # a DeepSpeed JSON is for a launched run
-    inventory = detect_inventory(spec, hostfile=args.hostfile)
+    if args.host_ram is not None and args.host_ram <= 0:
+        raise UserError(f"--host-ram: must be positive (GiB per node), got {args.host_ram:g}")
+    inventory = detect_inventory(spec, hostfile=args.hostfile,
+                                 host_ram_bytes=None if args.host_ram is None else int(args.host_ram * 2 ** 30))
     return plan(request, inventory), inventory, clipping
 
 

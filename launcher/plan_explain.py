@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 
 from launcher import memory as mem
 from launcher.errors import UserError
-from launcher.inventory import Inventory
+from launcher.inventory import Inventory, assumed_host_ram
 from launcher.shapes import ModelShape
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def explain(ctx: _Context, best: _Result, per_config) -> list[str]:
         out.append(f"peak memory at the {best.peak_at}, not in backward: the per-{unit(ctx)} breakdown is of that moment"
                    + (" (fp32 gradients for the optimizer, made after backward has freed the activations)"
                       if best.peak_at == "optimizer step" else ""))
-    if best.stage == 3 and ctx.request.method != "full":
+    if best.stage == 3 and ctx.request.method != "full" and ctx.dp > 1:
         out.append("ZeRO-3 partitions the frozen base weights across ranks too")
     if best.hpz:
         out.append(f"ZeRO++ hpZ: a secondary weight copy within each node ({ctx.inventory.ranks_per_node} GPUs) "
@@ -124,11 +124,19 @@ def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, p
     if pins:
         p = fits(unpinned(request))
         if p:
-            ideas.append(f"without the pins (ZeRO-{p.zero_stage}, offload {p.offload})")
+            label = _words(p.zero_stage, p.offload, bool(p.zero_hpz_partition_size), p.gradient_checkpointing,
+                           p.micro_batch_size)
+            ideas.append(f"without the pins ({label})")
     for lighter in {"full": ["lora", "qlora"], "lora": ["qlora"]}.get(request.method, []):
         if shape.arch == "decoder" and fits(replace(request, method=lighter, trainable_params=None)):
             ideas.append(f"{'QLoRA' if lighter == 'qlora' else 'LoRA'} instead of {request.method}")
             break
+    if inventory.gpu is not None and (inventory.host_ram_bytes or inventory.host_free_bytes):
+        roomy = fits(request, replace(inventory, host_ram_bytes=None, host_free_bytes=None, notes=[]))
+        if roomy is not None:  # fits this GPU; only the host RAM (offload, loading) is short
+            need = roomy.host_bytes_per_node / request.memory_fraction
+            ideas.append(f"{mem.fmt_bytes(need)} of host RAM per node"
+                         + (" (--host-ram to plan with what you have)" if inventory.host_ram_assumed else ""))
     if inventory.gpu is not None:
         for factor in (2, 4, 8, 16, 32, 64):
             inv = scaled(inventory, factor)
@@ -170,6 +178,10 @@ def scaled(inventory: Inventory, factor: int) -> Inventory:
     """factor x the GPUs: fill one node up to 8, then add 8-GPU (or same-size) nodes."""
     target = inventory.world_size * factor
     if inventory.nodes == 1 and target <= 8:
-        return replace(inventory, ranks_per_node=target, notes=[])
-    per_node = max(inventory.ranks_per_node, 8)
-    return replace(inventory, nodes=-(-target // per_node), ranks_per_node=per_node, notes=[])  # at least factor x
+        out = replace(inventory, ranks_per_node=target, notes=[])
+    else:
+        per_node = max(inventory.ranks_per_node, 8)
+        out = replace(inventory, nodes=-(-target // per_node), ranks_per_node=per_node, notes=[])  # >= factor x
+    if inventory.host_ram_assumed and inventory.gpu is not None:  # as the spec of that size would assume it
+        out = replace(out, host_ram_bytes=assumed_host_ram(out.ranks_per_node, inventory.gpu.total_bytes))
+    return out

@@ -275,11 +275,12 @@ def _search(ctx: _Context):
     return best, closest, per_config, skipped
 
 
-def _shortfall(ctx: _Context, result: _Result) -> float:
-    """How far a miss is from fitting, as a fraction of what is usable (GPU or host, whichever is worse)."""
+def _shortfall(ctx: _Context, result: _Result) -> tuple:
+    """How far a miss is from fitting, as a fraction of what is usable: GPU or host, whichever is worse, then the
+    two together (a plan short of host RAM alone is closer than one short of the same and of GPU memory too)."""
     gpu = (result.parts["total"] - ctx.usable) / ctx.usable
     host = (result.host - ctx.host_capacity) / ctx.host_capacity if ctx.host_capacity else 0.0
-    return max(gpu, host)
+    return max(gpu, host), max(gpu, 0.0) + max(host, 0.0)
 
 
 def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape] = None,

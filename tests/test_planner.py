@@ -846,3 +846,27 @@ def test_reward_and_value_models_have_a_score_head_not_an_lm_head():
     assert not ppo.shape.score_head
     assert {m.role: m.shape.score_head for m in ppo.extra_models} == {"reference": False, "reward": True,
                                                                       "value": True}
+
+
+def test_host_ram_of_a_what_if_is_settable_and_suggested():
+    """A what-if's host RAM is a guess (2x its GPU memory, at least 64 GiB): when only the host is short, the miss
+    says how much would do and --host-ram sets it; larger suggested inventories assume RAM as their own spec would,
+    so the fewest GPUs that fit are suggested (a 70B QLoRA fits 2 RTX 3090s, not 16)."""
+    shape = resolve_shape("llama-3.1-70b")
+    request = PlanRequest(method="qlora", seq_len=2048, global_batch_size=16, loss_chunk_tokens=mem.SFT_LOSS_CHUNK_TOKENS)
+    short = plan(request, parse_spec("1xRTX3090-24GB"), shape)
+    assert not short.fits and "short by" in short.reason
+    assert "GiB of host RAM per node (--host-ram to plan with what you have)" in short.reason
+    assert short.reason.endswith("2xRTX3090-24GB")
+    assert plan(request, parse_spec("1xRTX3090-24GB", host_ram_bytes=128 * GiB), shape).fits
+    assert parse_spec("8xRTX3090-24GB").host_ram_bytes == 2 * 8 * 24 * GiB
+    with pytest.raises(UserError, match="--host-ram: sets a what-if --inventory spec's host RAM"):
+        from launcher.inventory import detect_inventory
+        detect_inventory(None, env={}, host_ram_bytes=GiB)
+
+
+def test_one_gpu_zero3_does_not_claim_to_partition_across_ranks():
+    shape = resolve_shape("llama-2-7b")
+    p = plan(PlanRequest(method="lora", seq_len=512, global_batch_size=4, zero_stage=3, deepspeed=True),
+             parse_spec("1xA100-80GB"), shape)
+    assert p.fits and not any("across ranks" in r for r in p.reasons)
