@@ -20,6 +20,8 @@ def write_model_card(out: Path, cfg, plan, metrics: dict, num_labels: int | None
             "AutoPeftModelForCausalLM"
         labels = f", num_labels={num_labels}" if num_labels and loader != "AutoModelForCausalLM" else ""
         load = f"from peft import {peft_loader}\n\nmodel = {peft_loader}.from_pretrained(\"{out}\"{labels})"
+        if cfg.quant.load_in_4bit or cfg.method == "qlora":
+            load = _four_bit_load(cfg, plan, out, peft_loader, labels)
         kind = "QLoRA" if cfg.method == "qlora" else {"lora": "LoRA", "dora": "DoRA"}.get(cfg.peft.method,
                                                                                          cfg.peft.method)
         what = f"A {kind} adapter (r {cfg.peft.r}) on `{cfg.model.name}`"
@@ -63,6 +65,24 @@ def write_model_card(out: Path, cfg, plan, metrics: dict, num_labels: int | None
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _four_bit_load(cfg, plan, out: Path, peft_loader: str, labels: str) -> str:
+    """The adapter was trained (and scored) on the 4-bit base: load that base again, not the original weights (the
+    adapter on those computes something else, by the quantisation error)."""
+    from launcher.memory import PRECISION_DTYPES
+
+    return "\n".join([
+        "import torch",
+        f"from peft import {peft_loader}",
+        "from transformers import BitsAndBytesConfig",
+        "",
+        "# the 4-bit base it was trained on; `ftlaunch export RUN_DIR --merge` folds the adapter into that base,",
+        "# dequantised, for a plain full-precision model",
+        f"quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{cfg.quant.quant_type}\", "
+        f"bnb_4bit_use_double_quant={cfg.quant.double_quant}, "
+        f"bnb_4bit_compute_dtype=torch.{PRECISION_DTYPES[plan.precision]})",
+        f"model = {peft_loader}.from_pretrained(\"{out}\"{labels}, quantization_config=quant)"])
 
 
 def _fmt(value) -> str:

@@ -33,7 +33,11 @@ def test_tiny_recipe_trains_and_loss_falls(recipe, tmp_path):
         assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert list((out).glob("**/events.out.tfevents*")), "tensorboard events are written by default"
     card = (out / "README.md").read_text()  # ours, not TRL's "fine-tuned version of [None]"
-    assert f"recipe `{recipe}`" in card and f'from_pretrained("{out}")' in card and "exact_match:" in card
+    assert f"recipe `{recipe}`" in card and f'from_pretrained("{out}"' in card and "exact_match:" in card
+    if recipe == "qlora_tiny":  # the card loads the 4-bit base the adapter was trained on
+        namespace = {}
+        exec(card.split("```python\n")[1].split("```")[0], namespace)  # noqa: S102 (the card's own snippet)
+        assert any(type(m).__name__ == "Linear4bit" for m in namespace["model"].modules())
 
 
 def test_counted_rows_fit_the_plan_and_give_the_padding_share_the_trainer_pads(tmp_path, capsys):
