@@ -77,11 +77,14 @@ def _write_atomic(path: Path, data: dict) -> None:
 
 
 def read_manifest(output_dir: Path) -> dict | None:
+    """The run's manifest.json, or None where there is none, or none of ours (unreadable, not a JSON object, or
+    another tool's manifest.json: ours always names recipe, method and status)."""
     path = Path(output_dir) / "manifest.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return data if isinstance(data, dict) and {"recipe", "method", "status"} <= set(data) else None
 
 
 def replayable_command(argv: list[str]) -> list[str]:

@@ -8,32 +8,36 @@ from pathlib import Path
 from launcher.checkpoints import newest_complete_checkpoint
 from launcher.config import RUNS_DIR
 from launcher.errors import ArgParser, UserError
+from launcher.manifest import read_manifest
 
 
 def find_runs(root: Path) -> list[dict]:
     rows = []
     for manifest in sorted(root.rglob("manifest.json")):
-        try:
-            data = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError):
+        data = read_manifest(manifest.parent)
+        if data is None:  # unreadable, or another tool's manifest.json
             continue
-        metrics = data.get("metrics") or {}
-        evals = metrics.get("eval") or {}
-        after = metrics.get("after") or {}
+        metrics = _section(data, "metrics")
+        evals, after = _section(metrics, "eval"), _section(metrics, "after")
         step = data.get("step")
         if step is None:
             ckpt = newest_complete_checkpoint(manifest.parent)
             step = int(ckpt.name.split("-")[1]) if ckpt else 0
         # the held-out score after training: the recipe's own metric where it names one (classify.metric: f1)
-        chosen = {"f1": "f1_macro"}.get(((data.get("config") or {}).get("classify") or {}).get("metric"))
+        chosen = {"f1": "f1_macro"}.get(_section(_section(data, "config"), "classify").get("metric"))
         keys = [chosen] if chosen in after else list(after)
         score = next((f"{k}={after[k]:.3f}" for k in keys if isinstance(after[k], float)), None)
-        if score is None and "eval_loss" in evals:
+        if score is None and isinstance(evals.get("eval_loss"), float):
             score = f"eval_loss={evals['eval_loss']:.4f}"
         rows.append({"recipe": data.get("recipe"), "method": data.get("method"), "status": data.get("status"),
                      "step": step, "score": score or "-", "updated": data.get("updated"),
                      "path": str(manifest.parent)})
     return rows
+
+
+def _section(data: dict, key: str) -> dict:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def cmd_runs(argv: list[str]) -> int:

@@ -143,3 +143,9 @@ def test_runs_score_is_the_recipes_own_metric(tmp_path):
         "recipe": "cls_tiny", "method": "classify", "status": "finished", "step": 5,
         "config": {"classify": {"metric": "f1"}}, "metrics": {"after": {"accuracy": 0.5, "f1_macro": 0.4}}}))
     assert find_runs(tmp_path)[0]["score"] == "f1_macro=0.400"
+    # another tool's manifest.json, or ours in a shape it never has: skipped or shown without a score, no traceback
+    for name, data in (("web", {"name": "app"}), ("list", [1, 2]), ("odd", {"recipe": "x", "method": "sft",
+                                                                         "status": "finished", "metrics": [1]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(data))
+    assert [(r["recipe"], r["score"]) for r in find_runs(tmp_path)] == [("cls_tiny", "f1_macro=0.400"), ("x", "-")]
