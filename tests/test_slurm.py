@@ -81,6 +81,7 @@ def test_time_formats(text, seconds):
     (dict(output="logs/$USER.out"), "--output"),
     (dict(extra_overrides=["not-an-override"]), "override"),
     (dict(extra_overrides=["data.num_exampels=3"]), "did you mean 'num_examples'"),
+    (dict(extra_overrides=["training.max_step=3"]), "did you mean 'training.max_steps'"),
     (dict(time="00:10:00", signal_seconds=600), "before the time limit"),
     (dict(mem="lots"), "--mem"),
 ])
