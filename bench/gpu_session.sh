@@ -25,7 +25,7 @@
 #   sweep          plan_sweep, qwen2.5-1.5b LoRA seq 2048
 #   liger          qlora_7b with this GPU's plan, Liger kernels off and on: tokens/s, per-step losses (needs the
 #                  liger-kernel wheel in .whl, see bench/README.md; skipped without it)
-set -u
+set -u -o pipefail  # a failed preflight must stop the run, not hide behind tee's status
 budget=${1:-540}
 start=$SECONDS
 OUT=${OUT:?set OUT (the device tool sets it)}

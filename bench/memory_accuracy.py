@@ -259,7 +259,9 @@ def main(argv=None) -> int:
           f"OOM {len(oom)}; failed {len([r for r in rows if r.get('error')])}")
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=2, default=str))
-    return 1 if any(r.get("error") for r in rows) else 0
+    if any(r.get("error") for r in rows):
+        return 1
+    return common.GOAL_MISSED if gpu and len(within) < len(rows) else 0
 
 
 if __name__ == "__main__":

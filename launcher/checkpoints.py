@@ -259,12 +259,13 @@ def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str
             f"run has {how(world_size, deepspeed)} (its optimizer state cannot be carried over exactly); resume "
             f"with the same launcher{' and rank count' if not deepspeed else ''}, or start afresh in a new "
             f"output_dir")
-    was = layout["zero_stage"]  # None: 1, 2 or 3
-    if deepspeed and zero_stage is not None and (was == 0) != (zero_stage == 0):
-        written = "ZeRO-0, which stores the optimizer state whole" if was == 0 else \
-            f"ZeRO-{was or '1-3'}, which stores the optimizer state in partitions"
-        raise UserError(f"cannot resume {path.name} with ZeRO-{zero_stage}: it was written with {written}; pin that "
-                        f"stage (plan.zero_stage={was if was is not None else 1}), or start afresh in a new output_dir")
+    was = layout["zero_stage"]  # None: 1, 2 or 3 (older checkpoints did not record it)
+    if deepspeed and zero_stage is not None and (was != zero_stage if was is not None else zero_stage == 0):
+        # each stage has its own file layout (ZeRO-0: the optimizer whole; 1/2: flat fp32 partitions; 3: partitioned
+        # parameters too), and DeepSpeed loads a checkpoint only into the stage that wrote it
+        raise UserError(f"cannot resume {path.name} with ZeRO-{zero_stage}: it was written with ZeRO-"
+                        f"{was if was is not None else '1, 2 or 3'}; pin that stage (plan.zero_stage="
+                        f"{was if was is not None else 1}), or start afresh in a new output_dir")
     repartition = layout["world_size"] != world_size and was != 0
     optimizer = optimizer or "adamw_torch"  # the HF default when a recipe names none
     if repartition and optimizer not in UNIVERSAL_OPTIMIZERS:

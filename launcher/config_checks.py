@@ -63,7 +63,7 @@ def _check_ranges(cfg: RecipeConfig) -> None:
              "ppo.reward_model: PPO needs a reward model; set ppo.reward_model to a trained rm output dir")
         for key in ("num_mini_batches", "local_rollout_forward_batch_size"):  # the planner sizes with them
             value = ppo.get(key)
-            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+            need(key not in ppo or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
                  f"ppo.{key}: must be a positive integer, got {value!r}")
 
 

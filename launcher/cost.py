@@ -36,6 +36,7 @@ def step_seconds(ctx: _Context, stage: int, offload: str, checkpointing: bool, m
     req, inv = ctx.request, ctx.inventory
     micro = ctx.train_rows(micro)  # PPO with mini-batches: one backward (and one optimizer step) per mini-batch
     accum = ctx.per_rank_batch // micro
+    steps = req.mini_batches  # optimizer steps per planned step: PPO's mini-batches, else 1
     tokens = ctx.per_rank_batch * req.seq_len * req.sequences_per_example
     flops = 0.0
     for m in ctx.models:
@@ -63,18 +64,19 @@ def step_seconds(ctx: _Context, stage: int, offload: str, checkpointing: bool, m
     if ctx.dp > 1:
         bw = inter if inv.nodes > 1 else intra
         if stage <= 1:
-            comm = 2 * grads / bw
+            comm = steps * 2 * grads / bw
         elif stage == 2:
-            comm = (accum * grads + grads) / bw
+            comm = (accum + steps) * grads / bw
         else:
             gather_bw = intra if hpz else bw
             comm = accum * (passes * gathered / gather_bw + grads / bw)
             if hpz:  # trained weights lose their in-node copy at each step: the first gather after it crosses nodes
-                comm += grads / bw
+                comm += steps * grads / bw
     offload_time = 0.0
     trainable_share = sum(m.trainable for m in ctx.models) / ctx.dp
     if offload != "none" and inv.gpu is not None:
-        offload_time += trainable_share * 20 / CPU_OPTIMIZER_BYTES_PER_S + trainable_share * 6 / PCIE_BYTES_PER_S
+        offload_time += steps * (trainable_share * 20 / CPU_OPTIMIZER_BYTES_PER_S
+                                 + trainable_share * 6 / PCIE_BYTES_PER_S)
         if offload == "all":
             offload_time += accum * passes * gathered / ctx.dp / PCIE_BYTES_PER_S
     return compute + 0.5 * comm + offload_time + 1e-6 * stage  # prefer the simpler stage on ties

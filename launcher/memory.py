@@ -154,12 +154,13 @@ class ModelStates:
     gradients: float = 0.0
     optimizer: float = 0.0
     host: float = 0.0
-    step_gradients: float = 0.0  # fp32 gradients that exist only inside the optimizer step (after backward)
+    step_gradients: float = 0.0  # fp32 gradients (+ the optimizer's temporaries) only inside the optimizer step
+    gathered: float = 0.0  # of `weights`, ZeRO-3's gathered copies, released before the optimizer step
 
     def __add__(self, other: "ModelStates") -> "ModelStates":
         return ModelStates(self.weights + other.weights, self.gradients + other.gradients,
                            self.optimizer + other.optimizer, self.host + other.host,
-                           self.step_gradients + other.step_gradients)
+                           self.step_gradients + other.step_gradients, self.gathered + other.gathered)
 
     @property
     def gpu(self) -> float:
@@ -168,22 +169,36 @@ class ModelStates:
 
 # ds_config's stage3_max_reuse_distance and stage3_max_live_parameters (HF's "auto" values, DeepSpeed's defaults)
 STAGE3_REUSE_NUMEL = 1_000_000_000
+STAGE3_SUB_GROUP_NUMEL = 1_000_000_000  # DeepSpeed's default sub_group_size: ZeRO-3 steps its partition in such groups
 
 
-def zero3_gathered_bytes(model_bytes: float, largest_layer: int, element_bytes: int) -> float:
-    """Weights ZeRO-3 holds gathered at the turn from forward to backward, plus one layer's 16-bit grads.
+def zero3_gathered_bytes(model_bytes: float, largest_layer: int, element_bytes: int, backward: bool) -> float:
+    """Weights ZeRO-3 holds gathered at once (plus, for a model that runs backward, one layer's 16-bit grads).
 
     After a module runs, DeepSpeed keeps every parameter whose next use lies within stage3_max_reuse_distance
-    elements of upcoming modules (partitioned_param_coordinator.py, __params_to_release): around the turn, the last
-    layers up to that many elements, which is the whole model below ~1B parameters. `model_bytes`: the model as
-    stored (16-bit weights; 4-bit ones packed into 16-bit storage under ZeRO-3); `element_bytes`: that storage's."""
-    return min(model_bytes, element_bytes * (STAGE3_REUSE_NUMEL + largest_layer)) + 2 * largest_layer
+    elements of the modules still ahead in this step's trace (partitioned_param_coordinator.py,
+    __params_to_release). A model that runs backward reuses each layer after the rest of the forward and as much
+    backward: around the turn its last layers stay gathered, up to half that distance (the whole model below ~0.5B
+    parameters). A forward-only model (a frozen reward or reference model) reuses nothing within its trace: one layer
+    at a time. `model_bytes`: the model as stored (16-bit weights; 4-bit ones packed into 16-bit storage under
+    ZeRO-3); `element_bytes`: that storage's."""
+    if not backward:
+        return min(model_bytes, element_bytes * largest_layer)
+    return min(model_bytes, element_bytes * (STAGE3_REUSE_NUMEL // 2 + largest_layer)) + 2 * largest_layer
+
+
+def optimizer_step_temp_bytes(optim: str) -> float:
+    """Bytes per stepped parameter that the optimizer allocates inside its step: torch's non-fused Adam(W) makes
+    sqrt(exp_avg_sq) as a new fp32 tensor (torch/optim/adam.py, _foreach_sqrt / .sqrt()), the whole of a ZeRO flat
+    partition at once; fused, 8-bit and factored optimizers update in place."""
+    name = (optim or "adamw_torch").lower()
+    return 4.0 if name in ("adamw_torch", "adamw_hf", "adamw_torch_xla") else 0.0
 
 
 def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_bytes: float, zero_stage: int,
                  dp: int, offload_optimizer: bool = False, offload_param: bool = False,
                  largest_layer: int = 0, deepspeed: bool = True, param_bytes: int = 4,
-                 gathered: Optional[float] = None) -> ModelStates:
+                 gathered: Optional[float] = None, step_temp_bytes: float = 0.0) -> ModelStates:
     """ZeRO partitioning of one model over `dp` data-parallel ranks.
 
     stage 1 splits master weights + optimizer states, stage 2 also gradients, stage 3 also the 16-bit weights
@@ -192,6 +207,7 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
     PEFT's adapters, which it keeps fp32 over a 16-bit base; the load dtype for a full fine-tune), no master copy;
     `state_bytes` is then already for that dtype (`optimizer_state_bytes(optim, param_bytes)`).
     `gathered`: ZeRO-3's gathered weights (zero3_gathered_bytes); None = DeepSpeed's own estimate, 4 B x largest layer.
+    `step_temp_bytes`: per stepped parameter, what the optimizer allocates in its step (optimizer_step_temp_bytes).
     """
     e = ELEMENT_BYTES[precision]
     mixed = e == 2
@@ -203,13 +219,14 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
     # Gradients in the model's dtype live from backward to the step (ZeRO-2: the rank's partition; ZeRO-3: its
     # grad_partitions_flat_buffer, stage3.py). The fp32 copy the optimizer steps on exists only inside the step, once
     # backward has freed the activations (peak.py takes whichever moment is larger): ZeRO-1/2/3 make it for the
-    # rank's partition (stage_1_and_2.py step(), stage3.py _prepare_fp32_grad_for_sub_group); ZeRO-0's 16-bit
-    # wrapper (FP16_Optimizer, also for bf16) flattens fp32 copies of all of them: copies + flat buffer, 8 B/param.
+    # rank's partition (stage_1_and_2.py step(); stage3.py _prepare_fp32_grad_for_sub_group, one sub-group at a
+    # time); ZeRO-0's 16-bit wrapper for a torch optimizer (FP16_UnfusedOptimizer, also for bf16) one per parameter.
     grads = trainable * e
     if zero_stage >= 1:
-        step_grads = trainable * 4 / split
+        stepped = min(trainable / split, STAGE3_SUB_GROUP_NUMEL) if zero_stage == 3 else trainable / split
     else:
-        step_grads = trainable * 8 if mixed else 0.0
+        stepped = trainable if mixed else 0.0  # fp32 without ZeRO: the optimizer steps the parameters themselves
+    step_grads = stepped * (4 + step_temp_bytes)
     optim = trainable * ((4 if mixed else 0) + state_bytes)  # fp32 master copy only with mixed precision
     if zero_stage >= 1:
         optim /= split
@@ -221,7 +238,7 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
             gathered = 4 * largest_layer  # the gathered layer (16-bit params + grads), DeepSpeed's largest_layer_memory
         weights += gathered
     else:
-        weights = weight16 + frozen_bytes
+        weights, gathered = weight16 + frozen_bytes, 0.0
     host = 0.0
     if offload_optimizer and trainable:
         # Master weights, optimizer states and the fp32 gradient partition live on the host; under ZeRO-2/3 the
@@ -230,10 +247,9 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
         grads = trainable * 2 if (zero_stage == 1 and mixed) else 0.0
         optim = step_grads = 0.0
     if offload_param and zero_stage == 3:
-        resident = gathered
-        host += weights - resident
-        weights = resident
-    return ModelStates(weights, grads, optim, host, step_grads)
+        host += weights - gathered
+        weights = gathered
+    return ModelStates(weights, grads, optim, host, step_grads, gathered)
 
 
 def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, checkpointing: bool,

@@ -42,18 +42,20 @@ def peak_parts(ctx: "_Context", stage: int, offload: str, checkpointing: bool, m
         # TRL gathers the trained model(s) whole for generation (ds3_gather_for_generation, its default)
         sampling += sum(m.trainable * mem.ELEMENT_BYTES[ctx.precision] + m.frozen_bytes
                         for m in ctx.models if m.trainable) * (1 - 1 / ctx.dp)
-    # (activations, gradients) at each moment that can peak; the largest wins, backward on ties
-    moments = {"backward": (activations, gradients)}
+    # (weights, activations, gradients) at each moment that can peak; the largest wins, backward on ties
+    moments = {"backward": (states.weights, activations, gradients)}
     if sampling:
         # PPO/GRPO sample rollouts between optimizer steps; in one process zero_grad has freed the gradients by then
         # (DeepSpeed keeps its gradient buffers)
-        moments["rollout"] = (sampling, 0 if single else gradients)
-    if states.step_gradients:  # DeepSpeed's optimizer step: the fp32 gradients, no activations left
-        moments["optimizer step"] = (0, gradients + states.step_gradients)
+        moments["rollout"] = (states.weights, sampling, 0 if single else gradients)
+    if states.step_gradients:
+        # DeepSpeed's optimizer step: its fp32 gradients; of the activations only what outlives backward (PPO's
+        # rollout logits); ZeRO-3 has released its gathered weights first (stage3.py step: _partition_all_parameters)
+        moments["optimizer step"] = (states.weights - states.gathered, kept, states.gradients + states.step_gradients)
     peak_at = max(moments, key=lambda k: sum(moments[k]))
-    activations, gradients = moments[peak_at]
-    dynamic = states.weights + gradients + states.optimizer + activations
-    parts = {"weights": int(states.weights), "gradients": int(gradients), "optimizer": int(states.optimizer),
+    weights, activations, gradients = moments[peak_at]
+    dynamic = weights + gradients + states.optimizer + activations
+    parts = {"weights": int(weights), "gradients": int(gradients), "optimizer": int(states.optimizer),
              "activations": int(activations), "other": int(fixed + mem.FRAGMENTATION * dynamic)}
     parts["total"] = sum(parts.values())
     return parts, models, host_per_rank, load, peak_at
@@ -105,7 +107,9 @@ def _states(ctx: "_Context", stage: int, offload: str, hpz: bool):
                              offload_optimizer=offload != "none", offload_param=offload == "all",
                              largest_layer=m.shape.largest_layer_params if stage == 3 else 0,
                              gathered=mem.zero3_gathered_bytes(m.trainable * e + m.frozen_bytes,
-                                                               m.shape.largest_layer_params, e) if stage == 3 else None,
+                                                               m.shape.largest_layer_params, e,
+                                                               backward=m.trainable > 0) if stage == 3 else None,
+                             step_temp_bytes=mem.optimizer_step_temp_bytes(ctx.request.optimizer),
                              deepspeed=not single_process)
         if hpz and stage == 3:  # ZeRO++ keeps a secondary 16-bit copy partitioned within the node
             s.weights += (m.trainable * 2 + m.frozen_bytes) / ctx.inventory.ranks_per_node

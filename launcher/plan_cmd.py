@@ -48,7 +48,8 @@ def _check_optimizer_name(name: str) -> None:
     valid = [o.value for o in OptimizerNames]
     if name not in valid:
         close = difflib.get_close_matches(name, valid, n=1)
-        raise UserError(f"--optim: '{name}' is not an HF optimizer name{f' (did you mean {close[0]}?)' if close else ''}"
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"--optim: '{name}' is not an HF optimizer name{hint}"
                         f"; e.g. adamw_torch, adamw_torch_fused, paged_adamw_8bit, adafactor")
 
 

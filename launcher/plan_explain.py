@@ -135,8 +135,9 @@ def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, p
         roomy = fits(request, replace(inventory, host_ram_bytes=None, host_free_bytes=None, notes=[]))
         if roomy is not None:  # fits this GPU; only the host RAM (offload, loading) is short
             need = roomy.host_bytes_per_node / request.memory_fraction
-            ideas.append(f"{mem.fmt_bytes(need)} of host RAM per node"
-                         + (" (--host-ram to plan with what you have)" if inventory.host_ram_assumed else ""))
+            ideas.append(f"{mem.fmt_bytes(need)} of {'free ' if inventory.host_free_bytes else ''}host RAM per node "
+                         f"(for the fastest plan that fits this GPU"
+                         + ("; --host-ram to plan with what you have)" if inventory.host_ram_assumed else ")"))
     if inventory.gpu is not None:
         for factor in (2, 4, 8, 16, 32, 64):
             inv = scaled(inventory, factor)

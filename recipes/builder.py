@@ -77,7 +77,7 @@ def model_path(cfg) -> str:
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")) or path.exists():
         if is_adapter_dir(path):
-            return str(merged_dir(path))
+            return str(merged_dir(path, every_rank=True))  # model_path runs in every rank's build
         if not (path / "config.json").is_file():
             raise UserError(f"model.name: '{name}' is not a model directory (no config.json); "
                             f"give a directory written by save_pretrained or a hub id")
@@ -319,14 +319,27 @@ def is_adapter_dir(path) -> bool:
     return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
 
 
-def merged_dir(adapter_dir, auto_class=None, **load_kwargs) -> Path:
+def merged_dir(adapter_dir, auto_class=None, every_rank: bool = False, **load_kwargs) -> Path:
     """A full-model copy of `adapter_dir` (base + adapter, merged), made once and cached next to the tiny models.
 
     Adapter outputs of earlier runs (SFT LoRA/QLoRA, RM LoRA) are merged before use as a model (PPO's reward/value
     code also calls `model.score` on the backbone), the way `ftlaunch export --merge` merges them (QLoRA into its
-    dequantised base).
+    dequantised base). `every_rank`: every rank calls this at the same point (a recipe's build), so they coordinate.
     """
+    import torch.distributed as dist
+
     adapter_dir = Path(adapter_dir).resolve()
+    if every_rank and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # each node's first rank merges while the others wait, then all find its copy: every rank merging would hold
+        # a whole base model per rank in host RAM (and put each rank's 4-bit base on one GPU). A failing merge ends
+        # its rank, and the launcher stops the others.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            _merged_copy(adapter_dir, auto_class, load_kwargs)
+        dist.barrier()
+    return _merged_copy(adapter_dir, auto_class, load_kwargs)
+
+
+def _merged_copy(adapter_dir: Path, auto_class, load_kwargs: dict) -> Path:
     # "v": how merging is done (2: QLoRA adapters into their dequantised base); a change must not reuse old copies
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(adapter_dir.iterdir()) if p.is_file()]
     key = hashlib.sha256(json.dumps({"d": str(adapter_dir), "f": stamp, "k": sorted(map(str, load_kwargs.items())),

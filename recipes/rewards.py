@@ -81,9 +81,10 @@ def check_model_dir(value: str, field: str) -> Path:
 
 
 def full_model_dir(value: str, field: str, auto_class=None, **load_kwargs) -> str:
-    """Path of a full model for `value` (a model dir, or an adapter dir merged into its base)."""
+    """Path of a full model for `value` (a model dir, or an adapter dir merged into its base). Called in a recipe's
+    build, on every rank (merged_dir's every_rank)."""
     path = check_model_dir(value, field)
-    return str(merged_dir(path, auto_class, **load_kwargs) if is_adapter_dir(path) else path)
+    return str(merged_dir(path, auto_class, every_rank=True, **load_kwargs) if is_adapter_dir(path) else path)
 
 
 def load_scorer_model(path: str, dtype=None, pad_token_id=None, num_labels: int = 1, seed=None):

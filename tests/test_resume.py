@@ -140,10 +140,15 @@ def test_resume_layouts_that_cannot_carry_the_optimizer_over(tmp_path):
                                           zero_stage=0)
     assert ck.checkpoint_layout(zero0(2))["zero_stage"] == 0
     assert ck.check_resumable(zero0(2), 1, True, zero_stage=0) is False
-    with pytest.raises(UserError, match=r"with ZeRO-2: it was written with ZeRO-0, .* \(plan.zero_stage=0\)"):
+    with pytest.raises(UserError, match=r"with ZeRO-2: it was written with ZeRO-0; pin that stage \(plan.zero_stage=0"):
         ck.check_resumable(zero0(2), 1, True, zero_stage=2)
-    with pytest.raises(UserError, match=r"with ZeRO-0: it was written with ZeRO-1-3, .* \(plan.zero_stage=1\)"):
+    with pytest.raises(UserError, match=r"with ZeRO-0: it was written with ZeRO-1, 2 or 3; .*\(plan.zero_stage=1\)"):
         ck.check_resumable(layout(2, True), 2, True, zero_stage=0)
+    recorded = fake_checkpoint(tmp_path / "z2", 6, world_size=2, deepspeed=True)  # as CheckpointCommitter records it
+    ck.mark_complete(recorded, {"world_size": 2, "deepspeed": True, "zero_stage": 2})
+    assert ck.check_resumable(recorded, 1, True, zero_stage=2) is True  # re-cut through a universal checkpoint
+    with pytest.raises(UserError, match=r"with ZeRO-3: it was written with ZeRO-2; pin that stage"):
+        ck.check_resumable(recorded, 2, True, zero_stage=3)
     # ds_to_universal converts Adam's exp_avg / exp_avg_sq only: other optimizers keep their rank count
     assert ck.check_resumable(layout(2, True), 2, True, "paged_adamw_8bit") is False
     with pytest.raises(UserError, match="re-cuts only Adam's state .* not training.optim=paged_adamw_8bit"):
