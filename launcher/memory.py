@@ -207,13 +207,14 @@ def model_states(*, trainable: int, frozen_bytes: float, precision: str, state_b
     PEFT's adapters, which it keeps fp32 over a 16-bit base; the load dtype for a full fine-tune), no master copy;
     `state_bytes` is then already for that dtype (`optimizer_state_bytes(optim, param_bytes)`).
     `gathered`: ZeRO-3's gathered weights (zero3_gathered_bytes); None = DeepSpeed's own estimate, 4 B x largest layer.
-    `step_temp_bytes`: per stepped parameter, what the optimizer allocates in its step (optimizer_step_temp_bytes).
+    `step_temp_bytes`: per stepped fp32 parameter, what the optimizer allocates in its step (optimizer_step_temp_bytes;
+    one plain process: 0 on CPUs, where torch's for-loop AdamW makes it one tensor at a time).
     """
     e = ELEMENT_BYTES[precision]
     mixed = e == 2
-    if not deepspeed:
+    if not deepspeed:  # torch's foreach AdamW (CUDA's default) makes its temporary in the states' dtype, all at once
         return ModelStates(trainable * param_bytes + frozen_bytes, trainable * param_bytes, trainable * state_bytes,
-                           0.0)
+                           0.0, trainable * step_temp_bytes * param_bytes / 4)
     weight16 = trainable * e
     split = max(1, dp)
     # Gradients in the model's dtype live from backward to the step (ZeRO-2: the rank's partition; ZeRO-3: its

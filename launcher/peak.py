@@ -49,8 +49,9 @@ def peak_parts(ctx: "_Context", stage: int, offload: str, checkpointing: bool, m
         # (DeepSpeed keeps its gradient buffers)
         moments["rollout"] = (states.weights, sampling, 0 if single else gradients)
     if states.step_gradients:
-        # DeepSpeed's optimizer step: its fp32 gradients; of the activations only what outlives backward (PPO's
-        # rollout logits); ZeRO-3 has released its gathered weights first (stage3.py step: _partition_all_parameters)
+        # The optimizer step: DeepSpeed's fp32 gradients, the optimizer's temporaries, every gradient whole; of the
+        # activations only what outlives backward (PPO's rollout logits); ZeRO-3 has released its gathered weights
+        # first (stage3.py step: _partition_all_parameters)
         moments["optimizer step"] = (states.weights - states.gathered, kept, states.gradients + states.step_gradients)
     peak_at = max(moments, key=lambda k: sum(moments[k]))
     weights, activations, gradients = moments[peak_at]
@@ -109,7 +110,8 @@ def _states(ctx: "_Context", stage: int, offload: str, hpz: bool):
                              gathered=mem.zero3_gathered_bytes(m.trainable * e + m.frozen_bytes,
                                                                m.shape.largest_layer_params, e,
                                                                backward=m.trainable > 0) if stage == 3 else None,
-                             step_temp_bytes=mem.optimizer_step_temp_bytes(ctx.request.optimizer),
+                             step_temp_bytes=mem.optimizer_step_temp_bytes(ctx.request.optimizer)
+                             if (not single_process or ctx.inventory.device == "cuda") else 0.0,
                              deepspeed=not single_process)
         if hpz and stage == 3:  # ZeRO++ keeps a secondary 16-bit copy partitioned within the node
             s.weights += (m.trainable * 2 + m.frozen_bytes) / ctx.inventory.ranks_per_node

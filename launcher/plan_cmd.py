@@ -20,7 +20,7 @@ def _plan_parser() -> ArgParser:
     p.add_argument("--seq-len", type=int, help="without a recipe (default 2048)")
     p.add_argument("--global-batch", type=int, help="without a recipe (default 16)")
     p.add_argument("--lora-r", type=int, help="without a recipe (default 16)")
-    p.add_argument("--optim", help="without a recipe: HF optim name (default adamw_torch)")
+    p.add_argument("--optim", help="without a recipe: HF optim name (default: the HF Trainer's, adamw_torch_fused)")
     p.add_argument("--inventory", help="what-if hardware, e.g. 1xRTX3090-24GB, 8xA100-40GB, 4x8xH100-80GB, 2xcpu")
     p.add_argument("--hostfile", help="plan for the nodes of a DeepSpeed hostfile (GPUs probed here)")
     p.add_argument("--host-ram", type=float, metavar="GIB",
@@ -98,7 +98,9 @@ def build_plan(args):
             raise UserError(f"--lora-r: applies to --method lora or qlora, not {args.method or 'full'}")
         if args.optim is not None:
             _check_optimizer_name(args.optim)
-        args.method, args.optim = args.method or "full", args.optim or "adamw_torch"
+        from launcher.recipe_request import default_optimizer
+
+        args.method, args.optim = args.method or "full", args.optim or default_optimizer()
         for name, value, default in (("--seq-len", args.seq_len, 2048), ("--global-batch", args.global_batch, 16),
                                      ("--lora-r", args.lora_r, 16)):
             if value is not None and value < 1:

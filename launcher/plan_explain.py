@@ -127,6 +127,8 @@ def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, p
             label = _words(p.zero_stage, p.offload, bool(p.zero_hpz_partition_size), p.gradient_checkpointing,
                            p.micro_batch_size)
             ideas.append(f"without the pins ({label})")
+    if mem.optimizer_step_temp_bytes(request.optimizer) and fits(replace(request, optimizer="adamw_torch_fused")):
+        ideas.append("training.optim=adamw_torch_fused (it makes no temporary in its step)")
     for lighter in {"full": ["lora", "qlora"], "lora": ["qlora"]}.get(request.method, []):
         if shape.arch == "decoder" and fits(replace(request, method=lighter, trainable_params=None)):
             ideas.append(f"{'QLoRA' if lighter == 'qlora' else 'LoRA'} instead of {request.method}")

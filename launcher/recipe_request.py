@@ -50,7 +50,7 @@ def request_from_recipe(cfg) -> PlanRequest:
     request = PlanRequest(
         shape=shape, method=method, seq_len=seq_len, global_batch_size=plan_cfg.global_batch_size,
         lora_r=cfg.peft.r, lora_targets=cfg.peft.target_modules, trainable_params=trainable,
-        optimizer=training.get("optim") or "adamw_torch", zero_stage=plan_cfg.zero_stage,
+        optimizer=training.get("optim") or default_optimizer(), zero_stage=plan_cfg.zero_stage,
         offload=plan_cfg.offload, micro_batch_size=plan_cfg.micro_batch_size,
         gradient_checkpointing=plan_cfg.gradient_checkpointing, memory_fraction=plan_cfg.memory_fraction,
         attention=attention, lora_dropout=float(cfg.peft.dropout or 0.0) if method != "full" else 0.0,
@@ -75,6 +75,18 @@ def request_from_recipe(cfg) -> PlanRequest:
         request.extra_models += [reference, ExtraModel("reward", replace(reward, score_head=True)),
                                  ExtraModel("value", replace(value, score_head=True), trainable=True)]
     return request
+
+
+def default_optimizer() -> str:
+    """What the HF Trainer uses when training.optim is not set: adamw_torch_fused with torch >= 2.8, else adamw_torch
+    (TrainingArguments.optim). Read from the installed torch's version, without importing it."""
+    from importlib import metadata
+
+    try:
+        major, minor = (int(x) for x in metadata.version("torch").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return "adamw_torch_fused"
+    return "adamw_torch_fused" if (major, minor) >= (2, 8) else "adamw_torch"
 
 
 def generated_tokens(cfg) -> int:

@@ -429,10 +429,11 @@ def test_single_process_full_finetune_trains_in_the_load_dtype():
     one = parse_spec("1xA100-80GB")
     for dtype, per_param in (("auto", 6), ("bfloat16", 6), ("float32", 12)):  # weights + AdamW states
         parts = plan(PlanRequest(method="full", seq_len=512, global_batch_size=1, zero_stage=0, offload="none",
-                                 weight_dtype=dtype), one, shape).per_gpu_bytes
+                                 weight_dtype=dtype, optimizer="adamw_torch_fused"), one, shape).per_gpu_bytes
         assert parts["weights"] + parts["optimizer"] == pytest.approx(per_param * n, rel=1e-6)
         # gradients are freed after each step and made as backward frees activations: at the peak, the lm_head's
-        # (the first backward makes) or the rest beyond the activations (with the tied embedding's two extra copies)
+        # (the first backward makes) or the rest beyond the activations (with the tied embedding's two extra copies);
+        # a fused AdamW makes no temporary in its step (test_foreach_adamw_step_temporary_on_a_gpu)
         head = shape.vocab * shape.hidden * per_param / 3
         assert parts["gradients"] == int(max(head, per_param / 3 * n + 2 * head - parts["activations"]))
     # under a launcher DeepSpeed's engine runs even on one GPU at ZeRO-0: bf16 weights and grads, fp32 masters and
@@ -537,7 +538,7 @@ def test_tied_embedding_gradients_at_the_end_of_backward():
         shape = resolve_shape(name)
         assert shape.tied_embeddings == tied
         request = PlanRequest(method="full", seq_len=256, global_batch_size=1, zero_stage=0, offload="none",
-                              micro_batch_size=1, gradient_checkpointing=True)
+                              micro_batch_size=1, gradient_checkpointing=True, optimizer="adamw_torch_fused")
         parts = plan(request, one, shape).per_gpu_bytes
         grads, head = 2 * shape.num_params, 2 * shape.vocab * shape.hidden  # bf16, trained in its load dtype
         extra = 2 * head if tied else 0
@@ -550,7 +551,7 @@ def test_qlora_adapters_in_bf16_under_trl_trainers():
     assert request_from_recipe(_cfg("qlora", peft="lora", load_in_4bit=True)).quantized_adapter_bytes == 2
     assert request_from_recipe(_cfg("classify", peft="lora", load_in_4bit=True)).quantized_adapter_bytes == 4
     shape = resolve_shape("llama-2-7b")
-    request = PlanRequest(method="qlora", seq_len=512, global_batch_size=2, lora_r=64, optimizer="adamw_torch",
+    request = PlanRequest(method="qlora", seq_len=512, global_batch_size=2, lora_r=64, optimizer="adamw_torch_fused",
                           zero_stage=0, offload="none", micro_batch_size=1, gradient_checkpointing=True)
     one = parse_spec("1xRTX3090-24GB")
     n = mem.lora_params(shape, 64, "all-linear")
@@ -898,3 +899,20 @@ def test_ppo_rollout_logits_outlive_backward_into_the_optimizer_step():
     kept, _ = mem.ppo_rollout_bytes(shape, rank_batch=8, micro_batch=8, response_tokens=16, prompt_tokens=48)
     assert any("peak memory at the optimizer step" in r for r in p.reasons)
     assert p.per_gpu_bytes["activations"] == int(kept) > 0
+
+
+def test_foreach_adamw_step_temporary_on_a_gpu():
+    """torch's AdamW defaults to its foreach implementation on CUDA, whose step makes sqrt(exp_avg_sq) for every
+    parameter at once (in the states' dtype): with every gradient still there, that step can be the peak of a plain
+    one-GPU full fine-tune. The fused AdamW makes none, and on CPUs the for-loop one makes it a tensor at a time."""
+    shape = resolve_shape("qwen2.5-0.5b")
+    n = shape.num_params
+    request = PlanRequest(method="full", seq_len=64, global_batch_size=1, zero_stage=0, offload="none",
+                          micro_batch_size=1, gradient_checkpointing=True)
+    foreach = plan(request, parse_spec("1xA100-80GB"), shape)
+    assert any("peak memory at the optimizer step" in r for r in foreach.reasons)
+    assert foreach.per_gpu_bytes["gradients"] == 2 * n + 2 * n and foreach.per_gpu_bytes["activations"] == 0
+    fused = plan(replace(request, optimizer="adamw_torch_fused"), parse_spec("1xA100-80GB"), shape)
+    assert fused.per_gpu_bytes["total"] < foreach.per_gpu_bytes["total"]
+    cpu = plan(request, parse_spec("cpu", host_ram_bytes=64 * GiB), shape)
+    assert not any("optimizer step" in r for r in cpu.reasons)
