@@ -54,8 +54,8 @@ def explain(ctx: _Context, best: _Result, per_config) -> list[str]:
                    f"PPO accumulates only over whole rollout batches, so no accumulation)")
     if best.peak_at != "backward":
         out.append(f"peak memory at the {best.peak_at}, not in backward: the per-{unit(ctx)} breakdown is of that moment"
-                   + (" (fp32 gradients for the optimizer, made after backward has freed the activations)"
-                      if best.peak_at == "optimizer step" else ""))
+                   + (" (the optimizer's fp32 gradients and temporaries, made after backward has freed the "
+                      "activations)" if best.peak_at == "optimizer step" else ""))
     if best.stage == 3 and ctx.request.method != "full" and ctx.dp > 1:
         out.append("ZeRO-3 partitions the frozen base weights across ranks too")
     if best.hpz:

@@ -90,7 +90,7 @@ class _Result:
     seconds: float
     gpu_ok: bool
     host_ok: bool
-    peak_at: str = "backward"  # or "rollout" (PPO/GRPO sampling), "optimizer step" (DeepSpeed's fp32 gradients)
+    peak_at: str = "backward"  # or "rollout" (PPO/GRPO sampling), "optimizer step" (ModelStates.step_gradients)
 
     @property
     def fits(self) -> bool:
