@@ -99,6 +99,7 @@ class Plan:
     bucket_elements: int = 0
     hidden_size: int = 0
     single_process: bool = False  # one plain process, no DeepSpeed engine: HF (+ torch autocast) alone
+    peak_at: str = "backward"  # the moment per_gpu_bytes describes: backward, rollout or optimizer step
 
     @property
     def offload(self) -> str:

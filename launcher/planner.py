@@ -313,7 +313,7 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
         model={"name": shape.name, "params": shape.num_params, "trainable_params": ctx.models[0].trainable,
                "optimizer": request.optimizer, "inventory": inv.describe()},
         models=chosen.models, bucket_elements=mem.bucket_elements(shape.hidden), hidden_size=shape.hidden,
-        single_process=ctx.single_process(chosen.stage, chosen.offload))
+        single_process=ctx.single_process(chosen.stage, chosen.offload), peak_at=chosen.peak_at)
     reasons = list(request.notes) + list(inv.notes) + [precision_reason]
     reasons.append(f"usable memory per {explain.unit(ctx)}: {request.memory_fraction:g} x {mem.fmt_bytes(ctx.capacity)}"
                    f" = {mem.fmt_bytes(ctx.usable)}")

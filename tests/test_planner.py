@@ -911,6 +911,7 @@ def test_foreach_adamw_step_temporary_on_a_gpu():
                           micro_batch_size=1, gradient_checkpointing=True)
     foreach = plan(request, parse_spec("1xA100-80GB"), shape)
     assert any("peak memory at the optimizer step" in r for r in foreach.reasons)
+    assert foreach.to_json()["peak_at"] == "optimizer step"
     assert foreach.per_gpu_bytes["gradients"] == 2 * n + 2 * n and foreach.per_gpu_bytes["activations"] == 0
     fused = plan(replace(request, optimizer="adamw_torch_fused"), parse_spec("1xA100-80GB"), shape)
     assert fused.per_gpu_bytes["total"] < foreach.per_gpu_bytes["total"]
