@@ -156,6 +156,10 @@ def _activations(ctx: "_Context", checkpointing: bool, micro: int,
                                    lora_dropout=req.lora_dropout if lora_r else 0.0, device=ctx.inventory.device,
                                    trainable_base=not m.is_lora, quantized=m.quantized,
                                    lora_input_bytes=lora_bytes)
+        if (single_process and req.autocast and not m.is_lora and ctx.precision != "fp32"
+                and _load_bytes(ctx, True) == 4):
+            # fp32 weights under 16-bit autocast: each linear's 16-bit copy of its weight is saved for backward
+            act += mem.ELEMENT_BYTES[ctx.precision] * m.shape.layers * m.shape.linear_params_per_layer
         head = _head_weight_bytes(ctx, m, single_process)
         act += mem.logits_bytes(m.shape, seq_len=req.seq_len, micro_batch=micro, precision=ctx.precision,
                                 sequences=req.sequences_per_example, lm_head=req.lm_head and policy,

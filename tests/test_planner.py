@@ -467,7 +467,8 @@ def test_deepspeed_lm_head_is_16_bit_on_any_number_of_ranks():
     per_rank = [plan(request, parse_spec(spec), shape).per_gpu_bytes["activations"] for spec in ("1xT4", "2xT4")]
     assert per_rank[0] == per_rank[1]
     plain = plan(replace(request, zero_stage=0, deepspeed=False, global_batch_size=1), parse_spec("1xT4"), shape)
-    assert plain.single_process and plain.per_gpu_bytes["activations"] < per_rank[0]  # fp32 head: no upcast copy
+    copies = 2 * shape.layers * shape.linear_params_per_layer  # autocast's 16-bit weight copies (fp32 weights)
+    assert plain.single_process and plain.per_gpu_bytes["activations"] - copies < per_rank[0]  # fp32 head: no upcast
 
 
 def test_load_bytes_follow_the_load_dtype():
@@ -917,3 +918,19 @@ def test_foreach_adamw_step_temporary_on_a_gpu():
     assert fused.per_gpu_bytes["total"] < foreach.per_gpu_bytes["total"]
     cpu = plan(request, parse_spec("cpu", host_ram_bytes=64 * GiB), shape)
     assert not any("optimizer step" in r for r in cpu.reasons)
+
+
+def test_autocast_keeps_16_bit_copies_of_fp32_weights_for_backward():
+    """One process, fp32 weights (an fp16 GPU's full fine-tune loads fp32) under fp16 autocast: every linear layer's
+    matmul saves the 16-bit cast of its weight for backward (2 B per linear parameter), which bf16-loaded weights
+    do not need."""
+    shape = resolve_shape("qwen2.5-0.5b")
+    request = PlanRequest(method="full", seq_len=512, global_batch_size=1, micro_batch_size=1, zero_stage=0,
+                          offload="none", gradient_checkpointing=True, optimizer="adamw_torch_fused")
+    t4 = plan(request, parse_spec("1xT4"), shape)  # fp16 precision: loads fp32
+    on_bf16 = plan(request, parse_spec("1xA100-80GB"), shape)  # bf16 weights: nothing to cast
+    as_fp32 = plan(replace(request, weight_dtype="float32"), parse_spec("1xA100-80GB"), shape)
+    copies = 2 * shape.layers * shape.linear_params_per_layer
+    assert as_fp32.per_gpu_bytes["activations"] - on_bf16.per_gpu_bytes["activations"] == pytest.approx(copies,
+                                                                                                        rel=0.01)
+    assert t4.single_process and t4.per_gpu_bytes["activations"] >= copies
