@@ -85,7 +85,8 @@ METHODS = {"dpo": ("dpo_7b", "pairs", ["data.format=preference"]),
            "ppo-long": ("ppo_tiny", "prompts", ["data.format=prompts", f"ppo.response_length={4 * PPO_RESPONSE}",
                                                 "ppo.num_ppo_epochs=1"]),
            "cls": ("cls_tiny", "labels", ["data.format=classification", "classify.class_weights=none"]),
-           "full-8bit": ("sft_7b", "text", ["training.optim=adamw_8bit"])}  # bitsandbytes' 8-bit AdamW states
+           "full-8bit": ("sft_7b", "text", ["training.optim=adamw_8bit"]),  # bitsandbytes' 8-bit AdamW states
+           "lora-eager": ("lora_7b", "text", ["model.attn_implementation=eager"])}  # the s² attention matrices
 CPU_CONFIGS += [("qwen2.5-0.5b", "dpo", 256, 2, False), ("qwen2.5-0.5b", "dpo", 256, 2, True),
                 ("smollm2-135m", "dpo", 512, 2, False), ("smollm2-135m", "dpo-full", 256, 2, False),
                 ("qwen2.5-0.5b", "rm", 512, 2, False), ("qwen2.5-0.5b", "rm", 512, 4, True),
@@ -94,7 +95,8 @@ CPU_CONFIGS += [("qwen2.5-0.5b", "dpo", 256, 2, False), ("qwen2.5-0.5b", "dpo", 
                 ("qwen2.5-0.5b", "cls", 512, 4, False), ("smollm2-135m", "cls", 512, 8, True),
                 ("smollm2-135m", "ppo", 64, 4, False), ("qwen2.5-0.5b", "ppo", 128, 2, True),
                 ("smollm2-135m", "ppo-long", 64, 1, False, 16),  # 16 micro-batches per update: the rollout peaks
-                ("qwen2.5-0.5b", "full-8bit", 256, 2, False), ("smollm2-135m", "full-8bit", 512, 4, True)]
+                ("qwen2.5-0.5b", "full-8bit", 256, 2, False), ("smollm2-135m", "full-8bit", 512, 4, True),
+                ("smollm2-135m", "lora-eager", 512, 2, False)]
 CPU_PLAN = "1xH100-80GB"  # the plan a CPU check executes
 # Tiny shapes for the CPU code-path check (names: common.TINY_SHAPES).
 TINY_CONFIGS = [

@@ -262,7 +262,7 @@ def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, check
 
     Per block and token, what autograd saves (listed with saved-tensor hooks on HF Llama/Qwen2 blocks):
     - the two RMSNorms' fp32 upcasts of their input (4 B each, whatever the precision);
-    - attention: q, the SDPA output, k, v (16-bit under autocast; eager adds the s² score matrices);
+    - attention: q, the SDPA output, k, v (16-bit under autocast; eager adds the s² softmax outputs);
     - the gated MLP's gate output, act(gate) and up output (one GELU input for an encoder's MLP), in the dtype of
       the residual stream: fp32 under QLoRA, whose prepare_model_for_kbit_training upcasts embeddings and norms to
       fp32 and whose 4-bit layers return outputs in their input's dtype; 16-bit otherwise;
@@ -282,7 +282,10 @@ def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, check
     if trainable_base:
         per_token += e * (4 * h + q + i)
     if attention == "eager":
-        per_token += 5 * shape.heads * seq_len * e / 2  # scores, softmax, dropout mask (Korthikanti's 5as/h)
+        # per score: HF's eager attention takes the softmax in fp32 (its output is saved), and the matmul with V saves
+        # the probabilities cast back to 16-bit (in fp32 the same tensor); no dropout mask at attention_dropout 0.
+        # Measured on live tensors (bench/RESULTS.md): ~6 B per score in bf16, not Korthikanti's 5.
+        per_token += shape.heads * seq_len * (4 + (e if e != 4 else 0))
     if lora_r:
         modules = lora_modules(shape, lora_targets)
         fan_ins = sum(fan_in for fan_in, _ in modules.values())
