@@ -4,7 +4,7 @@ The GPU list is SFT (full, LoRA, QLoRA); the CPU list adds DPO, reward modelling
 
     .venv/bin/python bench/memory_accuracy.py                  # on a GPU: 15 configurations, ~1 min each
     .venv/bin/python bench/memory_accuracy.py --only 0,1,2     # a subset (indices as printed by --list)
-    .venv/bin/python bench/memory_accuracy.py --cpu            # CPU: 29 configurations, 135M-0.5B, live tensors
+    .venv/bin/python bench/memory_accuracy.py --cpu            # CPU: 30 configurations, 135M-0.5B, live tensors
     .venv/bin/python bench/memory_accuracy.py --tiny           # CPU: tiny shapes (the tests' quick check)
 
 Every configuration runs in a fresh process through ftlaunch's own path (recipe sft_7b / lora_7b / qlora_7b with the
