@@ -222,17 +222,17 @@ def main(argv=None) -> int:
         r.update(index=i, card=card, method=method, seq=seq, micro=micro, ckpt=ckpt,
                  accumulation=(accumulation or [1])[0])
         pred = (r.get("predicted") or {}).get("total")
-        if gpu and pred and r.get("max_allocated"):
-            from launcher.memory import CUDA_RUNTIME_BYTES
+        measured = r.get("max_allocated" if gpu else "live_peak")
+        if pred and measured:
+            # tensors (the prediction less "other": runtime + fragmentation margin) vs what the allocator handed out
+            # (GPU) or the live tensors (CPU); on a GPU also the whole prediction vs what the process holds
+            # (reserved + the CUDA context), the figure `fits` uses
+            r["pred_tensors"] = pred - r["predicted"]["other"]
+            r["err"] = r["pred_tensors"] / measured - 1
+            if gpu:
+                from launcher.memory import CUDA_RUNTIME_BYTES
 
-            # tensors (the prediction less "other": runtime + fragmentation margin) vs what the allocator handed out;
-            # the whole prediction vs what the process holds (reserved + the CUDA context), the figure `fits` uses
-            r["pred_tensors"] = pred - r["predicted"]["other"]
-            r["err"] = r["pred_tensors"] / r["max_allocated"] - 1
-            r["err_total"] = pred / (r["max_reserved"] + CUDA_RUNTIME_BYTES) - 1
-        elif pred and r.get("live_peak"):
-            r["pred_tensors"] = pred - r["predicted"]["other"]
-            r["err"] = r["pred_tensors"] / r["live_peak"] - 1
+                r["err_total"] = pred / (r["max_reserved"] + CUDA_RUNTIME_BYTES) - 1
         common.print_row(r)
         rows.append(r)
     pct = lambda k: (lambda r: None if r.get(k) is None else f"{100 * r[k]:+.1f}%")  # noqa: E731
@@ -252,12 +252,11 @@ def main(argv=None) -> int:
     print()
     common.print_table(rows, cols)
     measured = [r for r in rows if r.get("err") is not None]
-    key = "err"
-    within = [r for r in measured if r.get(key) is not None and abs(r[key]) <= GOAL]
+    within = [r for r in measured if abs(r["err"]) <= GOAL]
     oom = [r for r in rows if "OOM" in (r.get("error") or "")]
     print(f"\n   FIGURE {len(within)}/{len(rows)} configurations within +-{GOAL:.0%} "
           f"(tensor-level prediction vs {'max_memory_allocated' if gpu else 'CPU live tensors'}); "
-          f"worst {max((abs(r[key]) for r in measured if r.get(key) is not None), default=float('nan')):.1%}; "
+          f"worst {max((abs(r['err']) for r in measured), default=float('nan')):.1%}; "
           f"OOM {len(oom)}; failed {len([r for r in rows if r.get('error')])}")
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=2, default=str))

@@ -267,7 +267,9 @@ def check_resumable(path: Path, world_size: int, deepspeed: bool, optimizer: str
                         f"{was if was is not None else '1, 2 or 3'}; pin that stage (plan.zero_stage="
                         f"{was if was is not None else 1}), or start afresh in a new output_dir")
     repartition = layout["world_size"] != world_size and was != 0
-    optimizer = optimizer or "adamw_torch_fused"  # the HF default (torch >= 2.8) when a recipe names none
+    from launcher.recipe_request import default_optimizer
+
+    optimizer = optimizer or default_optimizer()  # the HF Trainer's when a recipe names none
     if repartition and optimizer not in UNIVERSAL_OPTIMIZERS:
         raise UserError(
             f"cannot resume {path.name} on {world_size} ranks: it was written by {layout['world_size']}, and "

@@ -141,6 +141,11 @@ def changed_settings(manifest: dict | None, cfg) -> list[str]:
             and "***" not in f"{before[k]}{now[k]}"]  # redaction may touch an env value inside a path
 
 
+def summarize_changes(changed: list[str]) -> str:
+    """The first three of changed_settings' lines, for a one-line refusal."""
+    return "; ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+
+
 def check_finished_run_unchanged(out: Path, previous: dict, cfg, resume: str) -> None:
     """Rerunning a finished run's command does nothing; anything else aimed at its directory is refused (UserError,
     exit 2) rather than quietly ignored: other trained settings, --resume never, a checkpoint path that is not one."""
@@ -152,8 +157,8 @@ def check_finished_run_unchanged(out: Path, previous: dict, cfg, resume: str) ->
         raise UserError(f"--resume {resume}: not a checkpoint directory (no trainer_state.json)")
     changed = changed_settings(previous, cfg)
     if changed:
-        raise UserError(f"{out} already holds a finished run with other settings ({'; '.join(changed[:3])}"
-                        f"{' ...' if len(changed) > 3 else ''}); use a new output_dir, or to train this model "
+        raise UserError(f"{out} already holds a finished run with other settings ({summarize_changes(changed)}); "
+                        f"use a new output_dir, or to train this model "
                         f"further start from it: model.name={out} output_dir=NEW")
 
 

@@ -81,7 +81,7 @@ def _head_weight_bytes(ctx: "_Context", model, single_process: bool) -> int:
 
 def _head_gradient_bytes(ctx: "_Context") -> float:
     policy = ctx.models[0]
-    if policy.is_lora or not policy.trainable or not ctx.request.lm_head:
+    if policy.is_lora or not policy.trainable or policy.shape.score_head:  # a score head has no vocab-sized logits
         return 0.0
     return policy.shape.vocab * policy.shape.hidden * _load_bytes(ctx, True)
 
@@ -162,7 +162,7 @@ def _activations(ctx: "_Context", checkpointing: bool, micro: int,
             act += mem.ELEMENT_BYTES[ctx.precision] * m.shape.layers * m.shape.linear_params_per_layer
         head = _head_weight_bytes(ctx, m, single_process)
         act += mem.logits_bytes(m.shape, seq_len=req.seq_len, micro_batch=micro, precision=ctx.precision,
-                                sequences=req.sequences_per_example, lm_head=req.lm_head and policy,
+                                sequences=req.sequences_per_example, lm_head=policy and not m.shape.score_head,
                                 chunk_tokens=req.loss_chunk_tokens if policy else 0, head_bytes=head,
                                 per_logit=req.logit_bytes, logit_tokens=req.logit_tokens)
         held += act  # PPO's policy and value model run in one forward and one backward (TRL's PolicyAndValueWrapper)

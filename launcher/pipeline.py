@@ -45,12 +45,12 @@ REFERENCE = re.compile(r"\{([A-Za-z][A-Za-z0-9_-]*)\}")
 def _check_finished_stage_unchanged(name: str, out: Path, cfg) -> None:
     """A finished stage is skipped; if its settings have changed since, skipping it would feed the next stages the
     old model (a new reward model's settings, PPO on the old one): refuse, naming what changed."""
-    from launcher.manifest import changed_settings, read_manifest
+    from launcher.manifest import changed_settings, read_manifest, summarize_changes
 
     changed = changed_settings(read_manifest(out), cfg)
     if changed:
-        raise UserError(f"pipeline stage '{name}': {out} finished with other settings ({'; '.join(changed[:3])}"
-                        f"{' ...' if len(changed) > 3 else ''}); remove {out} to train it again, or drop the change")
+        raise UserError(f"pipeline stage '{name}': {out} finished with other settings ({summarize_changes(changed)}"
+                        f"); remove {out} to train it again, or drop the change")
 
 
 def parse_args(argv: list[str]):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional
 from launcher import memory as mem
 from launcher.errors import UserError
 from launcher.inventory import Inventory, assumed_host_ram
+from launcher.plan_types import OFFLOAD_MARGIN
 from launcher.shapes import ModelShape
 
 if TYPE_CHECKING:
@@ -34,6 +35,11 @@ def unit(ctx: _Context) -> str:
 
 def describe(result: _Result) -> str:
     return _words(result.stage, result.offload, result.hpz, result.checkpointing, result.micro)
+
+
+def describe_plan(p: Plan) -> str:
+    return _words(p.zero_stage, p.offload, bool(p.zero_hpz_partition_size), p.gradient_checkpointing,
+                  p.micro_batch_size)
 
 
 def _words(stage: int, offload: str, hpz: bool, checkpointing: bool, micro: int) -> str:
@@ -100,9 +106,10 @@ def rejections(ctx: _Context, best: Optional[_Result], per_config) -> list[dict]
 def _slower(other: _Result, best: Optional[_Result]) -> str:
     if best is None:
         return "slower"
-    if other.seconds < best.seconds:  # planner.OFFLOAD_MARGIN: faster, but not by enough to offload
+    if other.seconds < best.seconds:  # faster, but not by enough to offload
         return (f"predicted {other.seconds:.3g} s/step vs {best.seconds:.3g}: offload is chosen only when predicted "
-                f"at least 10 % faster than the fastest plan without it (host RAM, PCIe time)")
+                f"at least {round(100 * (OFFLOAD_MARGIN - 1))} % faster than the fastest plan without it (host RAM, "
+                f"PCIe time)")
     if f"{other.seconds:.3g}" == f"{best.seconds:.3g}":  # the cost model's 1e-6 x stage tie-break decided
         return (f"as fast within the cost model's precision (predicted {other.seconds:.3g} s/step); ties go to the "
                 f"lower ZeRO stage")
@@ -124,9 +131,7 @@ def suggestions(request: PlanRequest, inventory: Inventory, shape: ModelShape, p
     if pins:
         p = fits(unpinned(request))
         if p:
-            label = _words(p.zero_stage, p.offload, bool(p.zero_hpz_partition_size), p.gradient_checkpointing,
-                           p.micro_batch_size)
-            ideas.append(f"without the pins ({label})")
+            ideas.append(f"without the pins ({describe_plan(p)})")
     if mem.optimizer_step_temp_bytes(request.optimizer) and fits(replace(request, optimizer="adamw_torch_fused")):
         ideas.append("training.optim=adamw_torch_fused (it makes no temporary in its step)")
     for lighter in {"full": ["lora", "qlora"], "lora": ["qlora"]}.get(request.method, []):
@@ -169,8 +174,7 @@ def pin_cost(pinned: _Result, free: Plan) -> str:
     if not free.fits or free.predicted_step_seconds is None:
         return "unpinned, nothing else would fit"
     ratio = pinned.seconds / free.predicted_step_seconds
-    label = _words(free.zero_stage, free.offload, bool(free.zero_hpz_partition_size), free.gradient_checkpointing,
-                   free.micro_batch_size)
+    label = describe_plan(free)
     if ratio <= 1.0001:
         return f"the pins cost nothing: unpinned, the planner would choose {label} too, or one as fast"
     return (f"the pins cost {100 * (ratio - 1):.0f} % per step: unpinned, the planner would choose {label} "

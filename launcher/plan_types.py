@@ -10,6 +10,9 @@ from typing import Optional
 from launcher.shapes import ModelShape
 
 MIN_MEMORY_FRACTION = 0.1  # below it the fixed runtime alone would not fit: a typo, not a plan
+# Offload must be predicted this much faster than the fastest plan without it: it costs host RAM, pinned memory and
+# PCIe time shared with other jobs, none of which the cost model sees, and its few % are within the model's error.
+OFFLOAD_MARGIN = 1.10
 
 
 @dataclass
@@ -58,7 +61,6 @@ class PlanRequest:
     # False where the trainer runs without autocast: TRL's PPOTrainer builds its own Accelerator (mixed precision
     # "no"), so in one process the 16-bit model computes in 16-bit and PEFT's fp32 adapters in fp32
     autocast: bool = True
-    lm_head: bool = True  # False for sequence-classification heads: no vocab-sized logits
     # TRL's SFT/DPO/GRPO/reward trainers (1.12) convert the adapters of a 4-bit model to bf16 (QLoRA paper, §3)
     quantized_adapter_bytes: int = 4
     notes: list = field(default_factory=list)

@@ -19,15 +19,12 @@ from launcher.errors import UserError
 from launcher import peak, plan_explain as explain
 from launcher.cost import step_seconds
 from launcher.inventory import Inventory
-from launcher.plan_types import MIN_MEMORY_FRACTION, ExtraModel, Plan, PlanRequest  # noqa: F401  (re-exported: callers import them here)
+from launcher.plan_types import MIN_MEMORY_FRACTION, OFFLOAD_MARGIN, ExtraModel, Plan, PlanRequest  # noqa: F401  (re-exported: callers import them here)
 from launcher.shapes import ModelShape
 
 GiB = mem.GiB
 METHODS = ("full", "lora", "qlora")
 OFFLOADS = ("none", "optimizer", "all")
-# Offload must be predicted this much faster than the fastest plan without it: it costs host RAM, pinned memory and
-# PCIe time shared with other jobs, none of which the cost model sees, and its few % are within the model's error.
-OFFLOAD_MARGIN = 1.10
 
 
 @dataclass

@@ -61,7 +61,7 @@ def request_from_recipe(cfg) -> PlanRequest:
         rollout_chunk=int(_section(cfg, "ppo").get("local_rollout_forward_batch_size") or 0),
         mini_batches=int(_section(cfg, "ppo").get("num_mini_batches") or 1) if cfg.method == "ppo" else 1,
         sequences_per_example=2 if cfg.method in ("dpo", "rm") else 1, generates=cfg.method in ("ppo", "grpo"),
-        autocast=cfg.method != "ppo", lm_head=cfg.method not in ("rm", "classify"),
+        autocast=cfg.method != "ppo",
         quantized_adapter_bytes=2 if cfg.method in ("sft", "qlora", "dpo", "grpo", "rm") else 4, notes=notes)
     reference = ExtraModel("reference", shape, trainable=False, quantized=method == "qlora")
     if cfg.method == "dpo":

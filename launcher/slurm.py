@@ -128,14 +128,10 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
         if not _OVERRIDE.match(item) or "\n" in item:
             raise UserError(f"override '{item}': expected dotted key=value, e.g. training.max_steps=100")
     if validate:  # UserError with did-you-mean on typos, now rather than after the job has queued
-        import importlib
-
         from launcher.config import load_recipe
         from recipes import common
 
-        cfg = load_recipe(recipe, config, overrides)
-        module = importlib.import_module(f"recipes.{cfg.method}")  # its TrainingArguments class: imports TRL (~10 s)
-        common.check_training_keys(cfg.training, common.args_class(module.ARGS_CLASS))
+        common.check_training_section(load_recipe(recipe, config, overrides))  # imports TRL (~5 s)
     if workdir == "auto":
         workdir = str(REPO_ROOT)
         if Path.cwd().resolve() != REPO_ROOT:  # the job starts in the checkout: paths typed here must still hold

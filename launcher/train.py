@@ -294,7 +294,7 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     from recipes import common
 
     env, out = ctx.env, ctx.output_dir
-    common.check_training_keys(ctx.cfg.training, common.args_class(module.ARGS_CLASS))  # a typo is no "nothing to do"
+    common.check_training_section(ctx.cfg)  # a typo is no "nothing to do"
     previous = read_manifest(out)
     if previous and previous.get("status") == "finished":
         check_finished_run_unchanged(out, previous, ctx.cfg, args.resume)

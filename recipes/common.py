@@ -123,6 +123,14 @@ def check_training_keys(training: dict, config_cls) -> None:
             raise UserError(f"unknown config key 'training.{key}' for {config_cls.__name__}{hint}")
 
 
+def check_training_section(cfg) -> None:
+    """cfg.training's keys against its method's TrainingArguments class (recipes.<method>.ARGS_CLASS; imports TRL)."""
+    import importlib
+
+    module = importlib.import_module(f"recipes.{cfg.method}")
+    check_training_keys(cfg.training, args_class(module.ARGS_CLASS))
+
+
 def make_args(config_cls, kwargs: dict):
     """Build a TRL/HF config; unknown or invalid `training.*` keys become one-line errors."""
     check_training_keys(kwargs, config_cls)
