@@ -19,12 +19,12 @@ BASES = ("dequantized", "original")
 PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")  # peft types that learn inputs, not weight deltas
 
 
-def merge_adapter(run_dir: Path, out_dir: Path, dtype: str = "fp32", base: str = "dequantized") -> Path:
+def merge_adapter(run_dir: Path, out_dir: Path, dtype: str = "auto", base: str = "dequantized") -> Path:
     import torch
 
     from recipes.builder import merge_adapter as merged_model, save_merged
 
-    model, tokenizer_dir = merged_model(run_dir, getattr(torch, DTYPES[dtype]), base)
+    model, tokenizer_dir = merged_model(run_dir, getattr(torch, DTYPES[dtype]) if dtype in DTYPES else None, base)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
     save_merged(model, tokenizer_dir, tmp)
@@ -36,7 +36,8 @@ def cmd_export(argv: list[str]) -> int:
     parser = ArgParser(prog="ftlaunch export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into its base (required for now)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="of the merged weights; auto (default): the base model's own dtype, as it is stored")
     parser.add_argument("--base", choices=BASES, default="dequantized",
                         help="QLoRA only: merge into the dequantised 4-bit base it was trained on (default), or "
                              "into the original weights")
@@ -65,8 +66,9 @@ def cmd_export(argv: list[str]) -> int:
     writable_dir(out.parent, "--out")  # before the merge, which takes minutes
     from recipes.builder import trained_in_4bit
 
-    merge_adapter(run_dir, out, args.dtype, args.base)
+    written = json.loads((merge_adapter(run_dir, out, args.dtype, args.base) / "config.json").read_text())
+    model_dtype = written.get("dtype") or written.get("torch_dtype")
     how = " (dequantised 4-bit base)" if args.base == "dequantized" and trained_in_4bit(run_dir) else ""
     auto = "AutoModelForSequenceClassification" if adapter_cfg.get("task_type") == "SEQ_CLS" else "AutoModelForCausalLM"
-    print(f"ftlaunch: merged model written to {out} ({args.dtype}{how}); load it with {auto}.from_pretrained('{out}')")
+    print(f"ftlaunch: merged model written to {out} ({model_dtype}{how}); load it with {auto}.from_pretrained('{out}')")
     return 0

@@ -276,6 +276,8 @@ def merge_adapter(adapter_dir, dtype=None, base: str = "dequantized", auto_class
     merges it into that base dequantised, so the merged model computes what the adapter model computed in
     training, up to float rounding; `base="original"` merges into the original weights (what most tools do; off by
     the 4-bit quantisation error). Sequence-classification adapters get their head size from the adapter itself.
+    `dtype` None: the base's own dtype (its config's), as most tools save a merge: a 7B QLoRA base dequantised to
+    fp32 would be 28 GB on disk and in host RAM, for a model every later stage loads in 16 bits anyway.
     """
     import torch
     from peft import PeftModel
@@ -292,7 +294,7 @@ def merge_adapter(adapter_dir, dtype=None, base: str = "dequantized", auto_class
             kwargs.setdefault("num_labels", labels)
     auto_class = auto_class or AutoModelForCausalLM
     quant = trained_in_4bit(adapter_dir) if base == "dequantized" else None
-    compute = dtype or torch.float32
+    compute = dtype or stored_dtype(base_path, load_kwargs.get("trust_remote_code", False))
     config = bnb_4bit_config(quant.get("quant_type", "nf4"), quant.get("double_quant", True), compute) if quant else None
     model = from_pretrained(auto_class, base_path, config, **kwargs)
     if config is not None:
@@ -300,6 +302,17 @@ def merge_adapter(adapter_dir, dtype=None, base: str = "dequantized", auto_class
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
     return merged, str(tokenizer_dir)
+
+
+def stored_dtype(path: str, trust_remote_code: bool = False):
+    """The dtype a model's config says its weights are stored in (float32 when it does not say)."""
+    import torch
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def save_merged(model, tokenizer_dir: str, out_dir) -> None:
@@ -340,10 +353,11 @@ def merged_dir(adapter_dir, auto_class=None, every_rank: bool = False, **load_kw
 
 
 def _merged_copy(adapter_dir: Path, auto_class, load_kwargs: dict) -> Path:
-    # "v": how merging is done (2: QLoRA adapters into their dequantised base); a change must not reuse old copies
+    # "v": how merging is done (2: QLoRA adapters into their dequantised base; 3: in the base's own dtype, not fp32);
+    # a change must not reuse old copies
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(adapter_dir.iterdir()) if p.is_file()]
     key = hashlib.sha256(json.dumps({"d": str(adapter_dir), "f": stamp, "k": sorted(map(str, load_kwargs.items())),
-                                     "c": getattr(auto_class, "__name__", None), "v": 2}).encode()).hexdigest()
+                                     "c": getattr(auto_class, "__name__", None), "v": 3}).encode()).hexdigest()
     final = cache_dir() / "merged" / f"{adapter_dir.name}-{key[:16]}"
     if (final / "config.json").is_file():
         return final

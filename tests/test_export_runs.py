@@ -77,6 +77,32 @@ def test_merged_model_computes_what_the_adapter_model_did(runs, recipe, tmp_path
         assert off > 100 * max(diff, 1e-7), (off, diff)
 
 
+def test_merge_keeps_the_bases_own_dtype(runs, tmp_path, capsys):
+    """A merge is saved in the dtype the base is stored in (a 16-bit 7B base stays 14 GB, not 28), unless --dtype
+    says otherwise: the lora_tiny adapter on a bfloat16 copy of its base."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(runs / "lora_tiny", adapter)
+    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    base16 = tmp_path / "base16"
+    AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"], dtype=torch.bfloat16).save_pretrained(base16)
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(adapter_cfg, base_model_name_or_path=str(base16))))
+
+    def dtypes(out):
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+    assert run_inprocess("export", str(adapter), "--merge", "--out", str(tmp_path / "auto")) == 0
+    assert "bfloat16" in capsys.readouterr().out and dtypes(tmp_path / "auto") == {"BF16"}
+    assert run_inprocess("export", str(adapter), "--merge", "--dtype", "fp32", "--out", str(tmp_path / "fp32")) == 0
+    assert "float32" in capsys.readouterr().out and dtypes(tmp_path / "fp32") == {"F32"}
+
+
 def test_merged_reward_model_scores_what_the_adapter_did(runs, tmp_path, capsys):
     import torch
     from peft import PeftModel
