@@ -108,6 +108,11 @@ class PreemptionCallback(TrainerCallback):
             self.step = state.global_step
             control.should_save = True
             control.should_training_stop = True
+            # The warning window is for the checkpoint: no evaluation first (HF's flow callback may have asked for
+            # one this step), and no reloading the best checkpoint after the loop (load_best_model_at_end); the
+            # process exits for requeue right after, and the resumed run evaluates on schedule.
+            control.should_evaluate = False
+            args.load_best_model_at_end = False
             if self.verbose and state.is_world_process_zero:
                 print(f"ftlaunch: preemption requested: saving checkpoint-{state.global_step} and stopping",
                       flush=True)

@@ -52,14 +52,16 @@ class SignalAtStep:
         return _Sender()
 
 
-def _trainer(tmp_path, max_steps, callbacks):
+def _trainer(tmp_path, max_steps, callbacks, **extra):
     from transformers import Trainer, TrainingArguments
 
+    settings = {"save_strategy": "no", "logging_steps": 1, **extra}
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8,
-                             learning_rate=1e-2, save_strategy="no", logging_steps=1, report_to=[], use_cpu=True,
-                             disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                             learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                             dataloader_num_workers=0, **settings)
     torch.manual_seed(0)
-    return Trainer(model=TinyRegressor(), args=args, train_dataset=Rows(), callbacks=callbacks)
+    return Trainer(model=TinyRegressor(), args=args, train_dataset=Rows(),
+                   eval_dataset=Rows(16) if extra.get("eval_strategy") else None, callbacks=callbacks)
 
 
 @pytest.fixture
@@ -109,6 +111,27 @@ def test_sigterm_is_a_preemption_signal_too(tmp_path, restore_signals):
     trainer.train()
     assert callback.preempted and callback.step == 2 and callback.signal_name == "SIGTERM"
     assert (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+def test_the_warning_window_goes_to_the_checkpoint_not_evaluation(tmp_path, restore_signals):
+    """At the preempted step an evaluation was due (every 3 steps) and the best checkpoint would be reloaded after
+    the loop: neither runs; the checkpoint is saved and training stops."""
+    from transformers import TrainerCallback
+
+    class Evaluations(TrainerCallback):
+        steps: list = []
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    callback, evaluations = PreemptionCallback(), Evaluations()
+    trainer = _trainer(tmp_path, 20, [SignalAtStep(6), callback, evaluations], eval_strategy="steps", eval_steps=3,
+                       save_strategy="steps", save_steps=3, load_best_model_at_end=True)
+    trainer.train()
+    assert callback.preempted and trainer.state.global_step == 6
+    assert evaluations.steps == [3], evaluations.steps  # step 3 on schedule; none at the preempted step 6
+    assert (tmp_path / "out" / "checkpoint-6" / "trainer_state.json").is_file()
+    assert not trainer.args.load_best_model_at_end
 
 
 def test_no_signal_no_preemption(tmp_path, restore_signals):
