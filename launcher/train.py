@@ -367,18 +367,20 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         raise
     preempted = any(getattr(cb, "preempted", False) for cb in ctx.callbacks)
     stopped = next((cb.stop_reason for cb in ctx.callbacks if getattr(cb, "stop_reason", None)), None)
-    if preempted:
-        from launcher.errors import PREEMPTED_EXIT_CODE
-
-        if env.is_main:
-            update_manifest(out, status="preempted", step=trainer.state.global_step)
-            print(f"ftlaunch: preempted at step {trainer.state.global_step}; checkpoint saved, exiting for requeue")
-        return PREEMPTED_EXIT_CODE
-    if stopped:
+    if stopped:  # first: a run that diverged at the warned step saved nothing, and a requeue would diverge again
         if env.is_main:
             update_manifest(out, status="failed", step=trainer.state.global_step, error=stopped)
             print(f"ftlaunch: error: {stopped}", file=sys.stderr, flush=True)
         return DIVERGED_EXIT_CODE
+    if preempted:
+        from launcher.errors import PREEMPTED_EXIT_CODE
+        from launcher.preempt import barrier
+
+        if env.is_main:
+            update_manifest(out, status="preempted", step=trainer.state.global_step)
+            print(f"ftlaunch: preempted at step {trainer.state.global_step}; checkpoint saved, exiting for requeue")
+        barrier()  # no rank exits (and gets rank 0 killed by srun) before the manifest says preempted
+        return PREEMPTED_EXIT_CODE
 
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(str(out))

@@ -122,6 +122,63 @@ def test_paths_typed_outside_the_checkout_still_hold_in_the_job(tmp_path, monkey
     assert "model.tokenizer=null" in args  # not a path: kept as typed
 
 
+FAKE_SRUN = """#!/bin/bash
+# a training step that takes its checkpoint too slowly: it notes the signals it gets and only a TERM ends it
+echo started >> "$LOG"
+trap 'echo step-USR1 >> "$LOG"' USR1
+trap 'echo step-TERM >> "$LOG"; exit 143' TERM
+while :; do sleep 0.1; done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$LOG"
+[ "$1" = show ] && echo n1
+exit 0
+"""
+
+
+def _run_script_with_fake_slurm(tmp_path, signals):
+    """The rendered one-GPU script, run by bash with fake srun/scontrol on PATH; `signals`: what Slurm sends, in
+    order, to (B:) the batch shell and the step. Returns (exit code, the fakes' log lines, the script's output)."""
+    import os
+    import subprocess
+
+    (tmp_path / "bin").mkdir(parents=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
+    (tmp_path / "launcher").mkdir()
+    (tmp_path / "launcher" / "run.py").write_text("")
+    (tmp_path / "job.sh").write_text(render_sbatch("lora_tiny", 1, 1, "10", workdir=None, validate=False))
+    log = tmp_path / "log"
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", LOG=str(log), SLURM_JOB_ID="7",
+               SLURM_JOB_NODELIST="n1", SLURM_RESTART_COUNT="0")
+    job = subprocess.Popen(["bash", "job.sh"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    deadline = time.time() + 20
+    while not (log.exists() and "started" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    step = subprocess.run(["pgrep", "-f", f"{tmp_path / 'bin' / 'srun'}"], capture_output=True, text=True)
+    for target, signum in signals:
+        os.kill(job.pid if target == "batch" else int(step.stdout.split()[0]), signum)
+        time.sleep(0.5)
+    out, _ = job.communicate(timeout=20)
+    return job.returncode, log.read_text().splitlines(), out
+
+
+def test_time_limit_after_the_warning_requeues_at_once(tmp_path):
+    """USR1 (the warning), then the time limit's TERM while the ranks still save: the batch shell requeues the job
+    then, as Slurm kills it soon after (a requeue during the time-limit kill was tried on the test cluster: the job
+    restarts); a TERM without a warning (scancel) does not requeue."""
+    import signal as sig
+
+    rc, log, out = _run_script_with_fake_slurm(tmp_path, [("batch", sig.SIGUSR1), ("batch", sig.SIGTERM),
+                                                          ("step", sig.SIGTERM)])
+    assert "step-USR1" in log and "scontrol requeue 7" in log, (log, out)
+    assert rc == 0 and "requeueing job 7 now" in out, out
+    rc, log, out = _run_script_with_fake_slurm(tmp_path / "cancel", [("batch", sig.SIGTERM), ("step", sig.SIGTERM)])
+    assert not any("requeue" in line for line in log) and rc == 143 and "not requeueing" in out, (log, out)
+
+
 def test_cli_exit_code_for_bad_input(capsys):
     from launcher.cli import main
 
