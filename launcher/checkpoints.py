@@ -235,6 +235,18 @@ def checkpoint_layout(path: Path) -> dict:
     return {"world_size": int(world), "deepspeed": deepspeed, "zero_stage": stage}
 
 
+def resume_zero_stage(output_dir: Path, how: str) -> tuple[int, str] | None:
+    """(ZeRO stage, name) of the checkpoint a `--resume auto | PATH` start would take, when DeepSpeed wrote it and
+    its stage is known; None otherwise (nothing to resume, a plain-torch checkpoint, an older one)."""
+    if how == "never":
+        return None
+    path = newest_complete_checkpoint(output_dir) if how == "auto" else Path(how)
+    if path is None or not path.is_dir():
+        return None
+    layout = checkpoint_layout(path)
+    return (layout["zero_stage"], path.name) if layout["deepspeed"] and layout["zero_stage"] is not None else None
+
+
 # Optimizers whose state DeepSpeed's universal checkpoint can re-cut: ds_to_universal knows Adam's exp_avg and
 # exp_avg_sq only (bitsandbytes' 8-bit state1/state2, Lion, SGD, Adafactor are not converted).
 UNIVERSAL_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")

@@ -3,6 +3,7 @@
 No imports beyond the standard library: `ftlaunch slurm`, `runs` and `plan` read these without loading torch."""
 import argparse
 import os
+import shutil
 from pathlib import Path
 
 # What a process killed by SIGTERM reports (128 + 15). The sbatch scripts (launcher/slurm.py) requeue on it; the
@@ -47,20 +48,21 @@ class ArgParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def writable_dir(path, field: str) -> bool:
-    """Create directory `path` if needed and prove it writable, or raise a UserError naming `field` (a directory
-    created here for the probe is removed again). Returns whether it was created here."""
+def writable_dir(path, field: str) -> Path | None:
+    """Create directory `path` if needed and prove it writable, or raise a UserError naming `field` (directories
+    created here for the probe are removed again). Returns the outermost directory created here (`path` or one of
+    its parents), None if `path` existed: what to remove if the command is refused later."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{field}: {path} exists and is not a directory; choose another {field}")
-    created = not path.exists()
+    created = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
     probe = path / f".ftlaunch-write-test-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        if created and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        if created is not None and created.is_dir():
+            shutil.rmtree(created, ignore_errors=True)
         raise UserError(f"{field}: cannot write to {path} ({e.strerror or e}); choose a writable {field}") from None
     return created

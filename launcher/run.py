@@ -14,7 +14,7 @@ import sys
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from launcher.cli import main  # noqa: E402
-from launcher.train import exit_rank  # noqa: E402
+from launcher.dist import exit_rank  # noqa: E402
 
 if __name__ == "__main__":
     exit_rank(main(["run", *sys.argv[1:]]))

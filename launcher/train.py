@@ -16,30 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import load_recipe, to_yaml_dict
+from launcher.dist import DistEnv, join_process_group, leave_process_group
 from launcher.errors import ArgParser, PlanDoesNotFit, UserError, writable_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = Path(os.environ.get("FTLAUNCH_DS_CONFIG_DIR", REPO_ROOT / "ds_configs"))
 DIVERGED_EXIT_CODE = 1  # loss went NaN/inf or the gradient norm exploded; the last good checkpoint is kept
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    launched: bool = False  # started by deepspeed/torchrun/srun launcher: train through the DeepSpeed engine
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, local_rank_arg: int | None = None) -> "DistEnv":
-        launched = "LOCAL_RANK" in os.environ or local_rank_arg is not None
-        return cls(rank=int(os.environ.get("RANK", 0)),
-                   local_rank=int(os.environ.get("LOCAL_RANK", local_rank_arg or 0)),
-                   world_size=int(os.environ.get("WORLD_SIZE", 1)), launched=launched)
 
 
 @dataclass
@@ -122,6 +104,18 @@ def plan_inputs(cfg, env: DistEnv) -> PlanInputs:
     return PlanInputs(request, detect_inventory(spec=None, env=env_vars))
 
 
+def keep_checkpoint_stage(request, output_dir, resume: str) -> None:
+    """A run resuming a DeepSpeed checkpoint plans for the ZeRO stage that wrote it (DeepSpeed loads a checkpoint
+    only into that stage), unless the recipe pins one: a requeued job on nodes with less free memory would
+    otherwise be refused for a stage its own plan changed."""
+    from launcher.checkpoints import resume_zero_stage
+
+    kept = resume_zero_stage(Path(output_dir), resume) if request.zero_stage is None else None
+    if kept is not None:
+        request.zero_stage = kept[0]
+        request.notes.append(f"plan.zero_stage={kept[0]}: the stage that wrote {kept[1]}, which this run resumes")
+
+
 def make_plan(cfg, env: DistEnv, inputs: PlanInputs | None = None):
     from launcher.planner import plan as plan_memory
 
@@ -130,61 +124,6 @@ def make_plan(cfg, env: DistEnv, inputs: PlanInputs | None = None):
     if not plan.fits:
         raise PlanDoesNotFit(plan.reason)
     return plan
-
-
-def join_process_group(ctx: RunContext) -> None:
-    """Under DeepSpeed every rank joins the process group before the model loads: ZeRO-3's zero.Init (inside
-    from_pretrained) sizes its partitions from deepspeed.comm, which the HF Trainer sets up only later when ranks
-    are CPUs (use_cpu=True takes accelerate's path), so zero.Init would see a world of one and fail its batch check.
-    If torch.distributed is already up, DeepSpeed just wraps it."""
-    if ctx.ds_config is None:
-        return
-    import deepspeed
-
-    deepspeed.init_distributed()
-    release_cpu_allreduce_buffer(ctx.env.rank)
-
-
-def leave_process_group() -> None:
-    """Each rank leaves the process group itself once its run has returned. Left to interpreter teardown, gloo's
-    worker threads can outlive the objects they use, and a rank that finished its work aborts ("terminate called
-    without an active exception", exit -6; pytorch/pytorch#190489): seen once in CI after a complete ZeRO-3 run,
-    reproduced here by a bare gloo all-gather then exit. Not after an unexpected exception: this rank may
-    have work queued on a collective, and leaving waits for it; that process fails anyway."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def exit_rank(code: int):
-    """End a rank's process (launcher/run.py) without the interpreter's object teardown. Leaving the process group
-    was not enough: a finished rank still aborted now and then at exit ("terminate called without an active
-    exception", -6: rank 1 of a 2-rank ZeRO-2 run in CI, after its summary), as C++ parts of torch.distributed that
-    outlive the run are destroyed during finalization (pytorch/pytorch#179291 describes gloo work holding Python
-    tensors). The exit handlers still run first, as at a normal exit: logging, file locks, temp-file finalizers."""
-    import atexit
-
-    atexit._run_exitfuncs()  # what a normal exit runs before teardown
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def release_cpu_allreduce_buffer(rank: int, shm_dir: Path = Path("/dev/shm")) -> None:
-    """DeepSpeed's CPU backend creates one 64 MiB /dev/shm segment per rank for its shared-memory all-reduce
-    (deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>) and never unlinks it: every CPU run left
-    2 x 67 MB of RAM behind in /dev/shm, until the machine ran short. Its initialisation returns only once this
-    rank has mapped every other rank's segment, so after a barrier no one needs the names: each rank unlinks its
-    own (the mappings stay valid until the process exits, however it exits)."""
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-            f"{os.environ.get('MASTER_PORT')}_{rank}")
-    if not (shm_dir / name).exists():
-        return  # not a CPU run, or not all ranks on one node (DeepSpeed then uses no shm)
-    from launcher.preempt import barrier
-
-    barrier()
-    (shm_dir / name).unlink(missing_ok=True)
 
 
 def evaluate(evaluator, when: str):
@@ -265,28 +204,40 @@ def run(argv: list[str]) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     cfg = load_recipe(args.recipe, args.config, args.overrides)
     env = DistEnv.from_env(args.local_rank)
-    inputs = plan_inputs(cfg, env)
-    plan = make_plan(cfg, env, inputs)
-    from launcher.ds_config import deepspeed_config, gradient_clipping
+    from launcher.dist import refuse_bare_srun_tasks
 
-    ds = deepspeed_config(plan, gradient_clipping(cfg)) if env.launched else None
-    out = Path(cfg.output_dir)
-    existed = out.is_dir() and any(out.iterdir())
-    writable_dir(out, "output_dir")  # a file, a read-only place: one line now, not a traceback after the model loads
-    ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=out, planned_from=inputs)
-    if cfg.plan.inventory:  # a recipe's what-if: `ftlaunch plan` uses it, a run has real hardware
-        ctx.start_notes.append(f"plan.inventory={cfg.plan.inventory} is for `ftlaunch plan`; this run plans for "
-                               f"what it has: {inputs.inventory.describe()}")
-    module = importlib.import_module(f"recipes.{cfg.method}")  # one module per method
+    refuse_bare_srun_tasks(env)
+    join_process_group(env)
+    created = None
     try:
-        code = _run(ctx, module, args, argv)
-    except UserError:
-        if env.is_main and not existed and out.exists():  # nothing half-written
-            shutil.rmtree(out, ignore_errors=True)
-        leave_process_group()  # raised by our own checks, between collectives: keeps its one line and exit 2
+        ctx = prepare(cfg, env, args)
+        created = writable_dir(ctx.output_dir, "output_dir")  # a file, a read-only place: one line now
+        code = _run(ctx, importlib.import_module(f"recipes.{cfg.method}"), args, argv)  # one module per method
+    except (UserError, PlanDoesNotFit):
+        if env.is_main and created is not None:  # nothing half-written
+            shutil.rmtree(created, ignore_errors=True)
+        leave_process_group()  # raised by our own checks, between collectives: keeps its one line and exit code
         raise
     leave_process_group()
     return code
+
+
+def prepare(cfg, env: DistEnv, args) -> RunContext:
+    """The plan and DeepSpeed config, planned alike on every rank from what the ranks measured together."""
+    from launcher.dist import agree_on_inventory
+    from launcher.ds_config import deepspeed_config, gradient_clipping
+
+    inputs = plan_inputs(cfg, env)
+    inputs.inventory = agree_on_inventory(inputs.inventory)
+    if env.launched:
+        keep_checkpoint_stage(inputs.request, cfg.output_dir, args.resume)
+    plan = make_plan(cfg, env, inputs)
+    ds = deepspeed_config(plan, gradient_clipping(cfg)) if env.launched else None
+    ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=Path(cfg.output_dir), planned_from=inputs)
+    if cfg.plan.inventory:  # a recipe's what-if: `ftlaunch plan` uses it, a run has real hardware
+        ctx.start_notes.append(f"plan.inventory={cfg.plan.inventory} is for `ftlaunch plan`; this run plans for "
+                               f"what it has: {inputs.inventory.describe()}")
+    return ctx
 
 
 def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
@@ -318,7 +269,6 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
                                       ctx.plan.zero_stage if ctx.ds_config is not None else None)
 
     started = time.time()
-    join_process_group(ctx)
     if repartition:
         from launcher.checkpoints import load_universal_on_all_ranks
 
@@ -372,7 +322,12 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
             update_manifest(out, status="failed", step=trainer.state.global_step, error=stopped)
             print(f"ftlaunch: error: {stopped}", file=sys.stderr, flush=True)
         return DIVERGED_EXIT_CODE
-    if preempted:
+    stopped_early = None
+    if preempted and not resumes:  # nothing to requeue for: keep the model so far as the run's result, exit 0
+        stopped_early = (f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps} by a preemption "
+                         f"warning; {ctx.cfg.method} cannot resume (TRL's trainer has no resume), so the model so far "
+                         f"is saved as the result; rerun with a longer time limit to train it all")
+    elif preempted:
         from launcher.errors import PREEMPTED_EXIT_CODE
         from launcher.preempt import barrier
 
@@ -390,13 +345,17 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         readable_weights(out)
     if env.is_main and getattr(trainer, "processing_class", None) is not None:
         trainer.processing_class.save_pretrained(str(out))
-    after = evaluate(evaluator, "after") if (evaluator and env.is_main) else None
+    # (not in a preemption's warning window: generating with a 7B policy takes minutes)
+    after = evaluate(evaluator, "after") if (evaluator and env.is_main and not stopped_early) else None
     if env.is_main:
         metrics = common.collect_metrics(trainer, result, eval_metrics, before, after, time.time() - started)
         metrics["data"] = ctx.stats
-        update_manifest(out, status="finished", step=trainer.state.global_step, metrics=metrics)
+        update_manifest(out, status="stopped" if stopped_early else "finished", step=trainer.state.global_step,
+                        metrics=metrics, **({"error": stopped_early} if stopped_early else {}))
         from launcher.model_card import write_model_card
 
         write_model_card(out, ctx.cfg, ctx.plan, metrics, getattr(trainer.model.config, "num_labels", None))
         common.print_summary(ctx, trainer, metrics)
+        if stopped_early:
+            print(f"ftlaunch: {stopped_early}", flush=True)
     return 0

@@ -168,8 +168,8 @@ dist.destroy_process_group()
 """
 
 
-def test_one_ranks_flag_is_shared_with_all_ranks(tmp_path):
-    """all-reduce MAX over gloo: rank 1's flag reaches rank 0; no flag anywhere stays False."""
+def run_two_gloo_ranks(script: str) -> list[str]:
+    """`script` in two processes joined by gloo (torch only: no transformers start-up); each rank's stdout."""
     import socket
     import subprocess
     import sys
@@ -183,9 +183,38 @@ def test_one_ranks_flag_is_shared_with_all_ranks(tmp_path):
     for rank in range(2):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "WORLD_SIZE": "2", "REPO": repo, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", AGREE_SCRIPT], env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
-        assert out.split() == ["True", "False"], (out, err[-2000:])
+    return [out for out, _ in outs]
+
+
+def test_one_ranks_flag_is_shared_with_all_ranks():
+    """all-reduce MAX over gloo: rank 1's flag reaches rank 0; no flag anywhere stays False."""
+    for out in run_two_gloo_ranks(AGREE_SCRIPT):
+        assert out.split() == ["True", "False"], out
+
+
+INVENTORY_SCRIPT = """
+import os, sys, torch.distributed as dist
+sys.path.insert(0, os.environ["REPO"])
+from launcher.dist import agree_on_inventory
+from launcher.inventory import GpuInfo, Inventory
+dist.init_process_group("gloo")
+rank, GiB = dist.get_rank(), 2**30
+# what two ranks on two nodes measured: rank 1's GPU has less free, rank 0's node less host RAM available
+mine = Inventory("slurm", 2, 1, GpuInfo("H100", 80 * GiB, (78 - 3 * rank) * GiB, (9, 0)), host_ram_bytes=512 * GiB,
+                 host_free_bytes=(400 + 50 * rank) * GiB, shm_bytes=64 * GiB, cpu_count=32 - rank)
+agreed = agree_on_inventory(mine)
+print(agreed.gpu.free_bytes // GiB, agreed.host_free_bytes // GiB, agreed.cpu_count, len(agreed.notes), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_plan_from_the_tightest_of_their_measurements():
+    """Free GPU memory and available host RAM are measured per rank: every rank gets the smallest of each, so
+    every rank computes the same plan (ZeRO stage, micro-batch) and none plans for memory another lacks."""
+    outs = run_two_gloo_ranks(INVENTORY_SCRIPT)
+    assert [out.split() for out in outs] == [["75", "400", "31", "1"]] * 2, outs

@@ -116,6 +116,18 @@ def test_nan_loss_stops_run_keeps_last_good_checkpoint(tmp_path, capsys):
     assert all(bool(t.isfinite().all()) for t in weights.values()), "the kept checkpoint is finite"
 
 
+def test_a_refused_run_removes_only_what_it_created(tmp_path, capsys):
+    """Bad data is refused after output_dir was made: the directories this run created go (parents included),
+    a directory the user made beforehand, even an empty one, stays."""
+    bad = [f"data.source={tmp_path / 'missing.jsonl'}", *TINY]
+    assert run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={tmp_path / 'a' / 'b' / 'out'}", *bad) == 2
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "mine").mkdir()
+    assert run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={tmp_path / 'mine'}", *bad) == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
 # ---- safe defaults ------------------------------------------------------------------------------------------------
 
 WANDB = "wandb-planted-7c1e9f5d2b8a4e6f"
@@ -229,7 +241,7 @@ def test_builder_passes_trust_remote_code_from_config_only():
 def test_a_rank_exit_runs_the_exit_handlers_flushes_and_keeps_its_code(tmp_path):
     """launcher/run.py ends a rank with exit_rank (no interpreter teardown): what a normal exit does must still happen."""
     marker = tmp_path / "atexit"
-    script = (f"import atexit, sys; sys.path.insert(0, {str(REPO)!r}); from launcher.train import exit_rank\n"
+    script = (f"import atexit, sys; sys.path.insert(0, {str(REPO)!r}); from launcher.dist import exit_rank\n"
               f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
               "print('block-buffered to a pipe', end=''); sys.stderr.write('to stderr')\n"
               "exit_rank(143)\nraise SystemExit(1)")

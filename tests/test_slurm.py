@@ -179,6 +179,18 @@ def test_time_limit_after_the_warning_requeues_at_once(tmp_path):
     assert not any("requeue" in line for line in log) and rc == 143 and "not requeueing" in out, (log, out)
 
 
+def test_srun_tasks_without_a_launcher_are_refused():
+    """`srun --ntasks-per-node=8 python launcher/run.py` would start 8 one-process runs writing one output_dir."""
+    from launcher.dist import DistEnv, refuse_bare_srun_tasks
+
+    step = {"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "9"}
+    with pytest.raises(UserError, match=r"one of 8 srun tasks, but no launcher started it .*--ntasks-per-node=1"):
+        refuse_bare_srun_tasks(DistEnv(), {**step, "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8"})
+    refuse_bare_srun_tasks(DistEnv(), {**step, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "16"})  # srun -n 1
+    refuse_bare_srun_tasks(DistEnv(world_size=16, launched=True), {**step, "SLURM_STEP_NUM_TASKS": "2"})  # torchrun
+    refuse_bare_srun_tasks(DistEnv(), {"SLURM_NTASKS": "8", "SLURM_JOB_ID": "9"})  # the batch shell, not a step
+
+
 def test_cli_exit_code_for_bad_input(capsys):
     from launcher.cli import main
 
