@@ -31,7 +31,9 @@ from launcher.memory import PPO_ROLLOUT_CHUNK  # the planner sizes the rollout w
 from launcher.recipe_request import generated_tokens
 from recipes import builder, common, rewards
 
-RESUMES = False  # TRL's PPOTrainer has no resume: launcher/train.py neither checks nor converts a checkpoint
+# TRL's PPOTrainer has no resume: launcher/train.py neither checks nor converts a checkpoint, and a preemption
+# warning stops the run with the policy so far saved as its result (a requeue would start again from scratch)
+RESUMES = False
 # TRL warns on every import of trl.experimental (the runner imports PPOConfig to check training.* keys first)
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -59,6 +61,10 @@ def scorer_paths(cfg) -> tuple[str, str]:
     return resolved[0], resolved[1]
 
 
+class _LeaveLoop(Exception):
+    """Raised at a step's end to leave TRL's PPO loop (see RunnerPPOTrainer)."""
+
+
 def _ppo_trainer_class():
     from trl.experimental.ppo import PPOTrainer
 
@@ -83,12 +89,26 @@ def _ppo_trainer_class():
                 super().__init__(args, *rest, **kwargs)
             finally:
                 ppo_trainer.Accelerator = original
+            # TRL's PPO loop never reads `should_training_stop`: leave it when a callback asks (the health guard on
+            # a diverged step, a preemption warning), at the step's end, on every rank alike (both decide globally)
+            handler, step_end = self.callback_handler, self.callback_handler.on_step_end
+
+            def on_step_end(*args, **kwargs):
+                control = step_end(*args, **kwargs)
+                if control.should_training_stop:
+                    raise _LeaveLoop
+                return control
+
+            handler.on_step_end = on_step_end
 
         def train(self, resume_from_checkpoint=None, **kwargs):
             if resume_from_checkpoint and self.accelerator.is_main_process:
                 print(f"ftlaunch: PPO cannot resume a checkpoint exactly (TRL's PPOTrainer has no resume); "
                       f"training again from the start instead of {resume_from_checkpoint}", file=sys.stderr)
-            super().train()
+            try:
+                super().train()
+            except _LeaveLoop:
+                pass
             return None
 
         def save_model(self, output_dir=None, _internal_call=False):

@@ -188,6 +188,31 @@ def test_ppo_tiny_reward_rises(tmp_path, rm_dir, policy_dir):
     assert (out / "adapter_config.json").is_file()  # LoRA policy saved as an adapter
 
 
+def test_ppo_preempted_keeps_the_policy_so_far_and_does_not_ask_for_a_requeue(tmp_path, rm_dir, monkeypatch,
+                                                                              capsys):
+    """TRL's PPO loop ignores `should_training_stop` and PPO cannot resume: a preemption warning at step 2 leaves
+    the loop there, saves the policy so far as the run's result (status stopped, exit 0: a requeue would only start
+    again from scratch), and says so."""
+    from launcher.preempt import PreemptionCallback
+
+    step_end = PreemptionCallback.on_step_end
+
+    def warned_at_step_2(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            self.request()  # as the SIGUSR1 handler does
+        return step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(PreemptionCallback, "on_step_end", warned_at_step_2)
+    out = tmp_path / "ppo"
+    rc = run_inprocess("run", "--recipe", "ppo_tiny", f"output_dir={out}", f"ppo.reward_model={rm_dir}",
+                       "training.max_steps=6", "eval.num_examples=4")
+    assert rc == 0
+    m = manifest(out)
+    assert m["status"] == "stopped" and m["step"] == 2 and "cannot resume" in m["error"]
+    assert m["metrics"].get("after") is None and (out / "adapter_config.json").is_file()
+    assert "stopped at step 2 of 6 by a preemption warning" in capsys.readouterr().out
+
+
 def test_adapter_dirs_are_merged_for_ppo(tmp_path):
     """PPO's policy (any recipe's model.name) may start from an SFT stage's LoRA output: merged into its base once,
     cached."""
