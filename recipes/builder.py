@@ -228,14 +228,39 @@ def load_for_eval(cfg, plan, path: str, output_dir, when: str, auto_class=None):
 
     auto_class = auto_class or AutoModelForCausalLM
     if when == "after" and not (Path(output_dir) / "adapter_config.json").exists():
-        return auto_class.from_pretrained(output_dir, dtype=torch_dtype(cfg, plan)), load_tokenizer(cfg, str(output_dir))
+        model = auto_class.from_pretrained(output_dir, dtype=torch_dtype(cfg, plan),
+                                           trust_remote_code=cfg.model.trust_remote_code)
+        return on_local_gpu(model, "evaluation"), load_tokenizer(cfg, str(output_dir))
     model = from_pretrained(auto_class, path, quantization_config(cfg, plan), dtype=torch_dtype(cfg, plan),
                             trust_remote_code=cfg.model.trust_remote_code)
     if when == "after":
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, output_dir)
-    return model, load_tokenizer(cfg, path)
+    return on_local_gpu(model, "evaluation"), load_tokenizer(cfg, path)
+
+
+INFERENCE_HEADROOM = 1.2  # weights x this + 1 GiB: room for a batch's activations and KV cache
+
+
+def on_local_gpu(model, what: str):
+    """A model that only infers (evaluation, GRPO's reward model) on this rank's GPU when it has room there beside
+    training, else left on the CPU with a note: the plan does not count it, and transformers loads onto the CPU
+    (a 4-bit model is already on the GPU, where bitsandbytes put it)."""
+    import sys
+
+    import torch
+
+    if not torch.cuda.is_available() or next(model.parameters()).device.type == "cuda":
+        return model
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    free, _ = torch.cuda.mem_get_info(device)
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if need * INFERENCE_HEADROOM + 2**30 <= free:
+        return model.to(device)
+    print(f"ftlaunch: {what} runs on the CPU (slow): its model needs {need / 2**30:.1f} GiB and cuda:{device.index} "
+          f"has {free / 2**30:.1f} GiB free beside training", file=sys.stderr, flush=True)
+    return model
 
 
 # ---- adapters folded into their base: `ftlaunch export --merge`, and earlier stages' adapters that PPO loads -------

@@ -86,7 +86,15 @@ def load_inputs(ctx, kind: str, path: str, padding_side: str = "right"):
     from recipes.data import load_data, padding_share
 
     tokenizer = builder.load_tokenizer(ctx.cfg, path, padding_side)
-    bundle = load_data(ctx.cfg.data, kind, tokenizer, seed=ctx.cfg.seed)
+    try:
+        bundle = load_data(ctx.cfg.data, kind, tokenizer, seed=ctx.cfg.seed)
+    except ValueError as e:  # chat rows, and a base model's tokenizer (Llama-2-7b-hf, Mistral-7B-v0.1) has no template
+        if "chat_template is not set" not in str(e):
+            raise
+        source = ctx.cfg.model.tokenizer or ctx.cfg.model.name
+        raise UserError(f"model.tokenizer: the data is chat (lists of role/content messages) and {source}'s tokenizer "
+                        f"has no chat template; set model.tokenizer to a chat tokenizer with the same vocabulary (e.g. "
+                        f"the model's -chat/-Instruct variant), or give plain-text data") from None
     ctx.stats.update(bundle.stats)
     cfg = ctx.cfg
     if bundle.stats.get("longest") and not cfg.data.packing:  # packing fills rows up to max_length

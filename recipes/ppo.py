@@ -150,8 +150,9 @@ def build(ctx):
     path = builder.model_path(cfg)  # an SFT stage's LoRA output: merged, then a fresh adapter
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path, padding_side="left")
     plan = ctx.plan  # fitted to the data by load_inputs
-    if not isinstance(bundle.train[0]["prompt"], str):
-        raise UserError("data: PPO takes plain-text prompts; conversational prompts are not supported yet")
+    if not isinstance(bundle.train[0]["prompt"], str):  # chat prompts (trl-lib/ultrafeedback-prompt): PPO samples text
+        bundle.train = chat_prompts_as_text(bundle.train, tokenizer)
+        bundle.eval = chat_prompts_as_text(bundle.eval, tokenizer) if has_eval else bundle.eval
     train = tokenize_prompts(bundle.train, tokenizer, cfg.data.max_length)
     evaluation = tokenize_prompts(bundle.eval, tokenizer, cfg.data.max_length) if has_eval else train.select(
         range(min(len(train), 8)))
@@ -214,6 +215,20 @@ def build(ctx):
     if has_eval:
         evaluator = ppo_evaluator(ctx, trainer, bundle.eval.to_list(), path, reward_path, tokenizer)
     return trainer, evaluator
+
+
+def chat_prompts_as_text(dataset, tokenizer):
+    """Chat prompts -> the text the tokenizer's chat template makes of them, ending in the assistant's generation
+    prompt, as TRL's GRPO does; less the template's leading BOS where the tokenizer adds one itself (the prompts
+    and the evaluator's generations tokenise text with special tokens), so it is not doubled."""
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
+
+    def as_text(row):
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        return {"prompt": text[len(bos):] if adds_bos and text.startswith(bos) else text}
+
+    return dataset.map(as_text)
 
 
 def tokenize_prompts(dataset, tokenizer, max_length: int):

@@ -17,7 +17,7 @@ from typing import Callable
 from launcher.config import RUNS_DIR
 from launcher.errors import UserError
 from recipes import synthetic
-from recipes.builder import is_adapter_dir, loading, merged_dir
+from recipes.builder import is_adapter_dir, loading, merged_dir, on_local_gpu
 from recipes.load_checks import new_head_expected
 
 
@@ -109,7 +109,7 @@ def load_scorer_model(path: str, dtype=None, pad_token_id=None, num_labels: int 
         with new_head_expected() if seed is not None else contextlib.nullcontext():  # seed: a fresh head on purpose
             model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.eval()
-    return model
+    return on_local_gpu(model, "the reward model")
 
 
 def score_texts(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:

@@ -213,6 +213,29 @@ def test_ppo_preempted_keeps_the_policy_so_far_and_does_not_ask_for_a_requeue(tm
     assert "stopped at step 2 of 6 by a preemption warning" in capsys.readouterr().out
 
 
+def test_ppo_takes_chat_prompts_through_the_chat_template(tmp_path, rm_dir):
+    """Chat prompts (trl-lib/ultrafeedback-prompt's layout) become the chat template's text with the generation
+    prompt, tokenised with one BOS, not two."""
+    from launcher.config import load_recipe
+    from launcher.train import DistEnv, RunContext, make_plan
+    from recipes import ppo
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}]} for i in range(40)]
+    data = _write_jsonl(tmp_path / "chat_prompts.jsonl", rows)
+    cfg = load_recipe("ppo_tiny", overrides=[f"output_dir={tmp_path / 'o'}", f"ppo.reward_model={rm_dir}",
+                                             f"data.source={data}", "eval.num_examples=4"])
+    env = DistEnv()
+    ctx = RunContext(cfg=cfg, plan=make_plan(cfg, env), env=env, ds_config=None, output_dir=tmp_path / "o")
+    trainer, evaluator = ppo.build(ctx)
+    tokenizer = trainer.processing_class
+    expected = {tuple(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True)["input_ids"])
+                for r in rows}
+    got = {tuple(r["input_ids"]) for r in trainer.train_dataset}
+    assert len(got) >= 30 and got <= expected, (sorted(got)[:1], sorted(expected)[:1])
+    assert all(ids[0] == tokenizer.bos_token_id != ids[1] for ids in got)
+    assert evaluator is not None
+
+
 def test_adapter_dirs_are_merged_for_ppo(tmp_path):
     """PPO's policy (any recipe's model.name) may start from an SFT stage's LoRA output: merged into its base once,
     cached."""

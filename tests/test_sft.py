@@ -162,3 +162,24 @@ def test_load_dtype_of_a_one_process_full_finetune():
     assert torch_dtype(cfg, bf16, trained_full=True) == torch.bfloat16
     engine = types.SimpleNamespace(precision="fp16", single_process=False)
     assert torch_dtype(cfg, engine, trained_full=True) == torch.float16  # DeepSpeed keeps fp32 masters itself
+
+
+def test_chat_data_with_a_tokenizer_without_template_is_one_line(tmp_path, capsys):
+    """A base model's tokenizer (Llama-2-7b-hf, Mistral-7B-v0.1) has no chat template: chat rows then fail inside
+    transformers; ftlaunch names model.tokenizer and the fix instead, exit 2, nothing written."""
+    from transformers import AutoTokenizer
+
+    from recipes import builder
+
+    tokenizer = AutoTokenizer.from_pretrained(builder.tiny_model_dir(None, seed=0))
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "base_tokenizer")
+    rows = [{"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+            for i in range(32)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    rc = run_inprocess("run", "--recipe", "sft_tiny", f"output_dir={out}", f"data.source={tmp_path / 'chat.jsonl'}",
+                       f"model.tokenizer={tmp_path / 'base_tokenizer'}", "training.max_steps=1")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ftlaunch")]
+    assert rc == 2 and len(err) == 1 and "model.tokenizer: the data is chat" in err[0], err
+    assert not out.exists()
