@@ -55,7 +55,7 @@ def cmd_export(argv: list[str]) -> int:
                         f"finished; run it again with the same output_dir to resume and finish it")
     if not args.merge:
         raise UserError("export: pass --merge to write the adapter merged into its base")
-    adapter_cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    adapter_cfg = _adapter_config(run_dir)
     peft_type = adapter_cfg.get("peft_type", "")
     if peft_type in PROMPT_LEARNING:
         raise UserError(f"export: {run_dir} holds a {peft_type.lower()} adapter: it adds virtual tokens to the input "
@@ -64,6 +64,7 @@ def cmd_export(argv: list[str]) -> int:
     if out.exists():
         raise UserError(f"export: {out} already exists; remove it or pass --out elsewhere")
     writable_dir(out.parent, "--out")  # before the merge, which takes minutes
+    _check_base(run_dir, adapter_cfg.get("base_model_name_or_path"))
     from recipes.builder import trained_in_4bit
 
     written = json.loads((merge_adapter(run_dir, out, args.dtype, args.base) / "config.json").read_text())
@@ -72,3 +73,37 @@ def cmd_export(argv: list[str]) -> int:
     auto = "AutoModelForSequenceClassification" if adapter_cfg.get("task_type") == "SEQ_CLS" else "AutoModelForCausalLM"
     print(f"ftlaunch: merged model written to {out} ({model_dtype}{how}); load it with {auto}.from_pretrained('{out}')")
     return 0
+
+
+def _adapter_config(run_dir: Path) -> dict:
+    path = run_dir / "adapter_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"export: cannot read {path} ({e}); restore it from the run's last checkpoint") from None
+    if not isinstance(data, dict):
+        raise UserError(f"export: {path} is not a JSON object; restore it from the run's last checkpoint")
+    return data
+
+
+def _check_base(run_dir: Path, base) -> None:
+    """The adapter's base loads (its config) before the merge starts: a moved or deleted base directory otherwise
+    fails deep in transformers, with a hub-id error about a local path."""
+    where = f"base_model_name_or_path in {run_dir / 'adapter_config.json'}"
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"export: {where} is missing; set it to the base model's directory or hub id")
+    path = Path(base).expanduser()
+    if path.is_absolute() or base.startswith((".", "~")) or path.exists():  # a local directory, not a hub id
+        if not (path / "config.json").is_file():
+            state = "has no config.json" if path.is_dir() else "does not exist"
+            raise UserError(f"export: the base model {base} ({where}) {state}; point it at the base model's "
+                            f"directory")
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"export: the base model '{base}' ({where}) cannot be loaded ({first}); download it, or "
+                        f"point {where.split(' in ')[0]} at a local copy") from None

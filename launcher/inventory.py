@@ -17,6 +17,9 @@ from launcher.nodelist import expand_nodelist
 
 GiB = 1024 ** 3
 SPEC_HELP = "expected [NODES x] GPUS x NAME[-MEM], e.g. 1xRTX3090-24GB"
+# Bounds of a what-if spec (largest cards: 192-288 GB; clusters: ~10^5 GPUs; nodes: 8-16): beyond, it is a typo.
+SPEC_GPU_GB = (1, 1024)
+SPEC_MAX_NODES, SPEC_MAX_GPUS_PER_NODE, SPEC_MAX_CPU_RANKS = 100_000, 64, 1024
 DEFAULT_HOSTFILE = "/job/hostfile"  # where the deepspeed launcher looks when given no --hostfile
 
 
@@ -168,6 +171,9 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
         ranks = int(first) if first else 1
         if ranks < 1:
             raise bad
+        if ranks > SPEC_MAX_CPU_RANKS:
+            raise UserError(f"inventory spec '{spec}': {ranks} CPU ranks on one host; give at most "
+                            f"{SPEC_MAX_CPU_RANKS}, e.g. 2xcpu")
         ram = host_ram_bytes if host_ram_bytes is not None else probe_host()[0]
         return Inventory("spec", 1, ranks, None, host_ram_bytes=ram, cpu_count=os.cpu_count(),
                          notes=[f"what-if '{text}': {ranks} CPU rank(s) sharing this host's RAM"])
@@ -176,6 +182,9 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
     nodes, gpus = (int(first), int(second)) if second is not None else (1, int(first))
     if nodes < 1 or gpus < 1:
         raise bad
+    if nodes > SPEC_MAX_NODES or gpus > SPEC_MAX_GPUS_PER_NODE:
+        raise UserError(f"inventory spec '{spec}': {nodes} node(s) x {gpus} GPU(s) is out of range; give at most "
+                        f"{SPEC_MAX_NODES} nodes of at most {SPEC_MAX_GPUS_PER_NODE} GPUs, e.g. 4x8xH100-80GB")
     key, typed = canonical_gpu_name(name), _bare_gpu_name(name)
     if not (typed.startswith(key) and re.fullmatch(r"(SXM\d?|PCIE|NVL)?", typed[len(key):])):
         key = name  # 'A10O' is a typo, not an A10: an unknown card (with a did-you-mean note)
@@ -189,6 +198,9 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
         mem_gib = float(mem)
         if mem_gib <= 0:
             raise bad
+        if not SPEC_GPU_GB[0] <= mem_gib <= SPEC_GPU_GB[1]:
+            raise UserError(f"inventory spec '{spec}': {mem} GB per GPU is out of range; give "
+                            f"{SPEC_GPU_GB[0]}-{SPEC_GPU_GB[1]} GB, e.g. {gpus}x{name}-80GB")
     total = int(mem_gib * GiB)
     reported = dict(model.memory).get(mem_gib) if model else None
     if model and mem_gib not in dict(model.memory):
@@ -216,6 +228,7 @@ def parse_spec(spec: str, host_ram_bytes: Optional[int] = None) -> Inventory:
 def parse_hostfile(text: str) -> list[tuple[str, int]]:
     """DeepSpeed hostfile lines `host slots=N` (comments and blank lines allowed) -> [(host, slots)]."""
     hosts = []
+    first_line: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -223,7 +236,12 @@ def parse_hostfile(text: str) -> list[tuple[str, int]]:
         match = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", line)
         if not match or int(match.group(2)) < 1:
             raise UserError(f"hostfile line {number} '{raw.strip()}': expected 'HOST slots=N'")
-        hosts.append((match.group(1), int(match.group(2))))
+        host = match.group(1)
+        if host in first_line:  # the deepspeed launcher would start two sets of ranks on one node
+            raise UserError(f"hostfile line {number}: host '{host}' is already on line {first_line[host]}; list each "
+                            f"host once, with all its slots")
+        first_line[host] = number
+        hosts.append((host, int(match.group(2))))
     if not hosts:
         raise UserError("hostfile: no 'HOST slots=N' lines")
     return hosts
@@ -313,6 +331,9 @@ def detect_inventory(spec: Optional[str] = None, env: Mapping[str, str] = os.env
     In a launched process (WORLD_SIZE set) the rank count is the launcher's, so the batch geometry matches what
     DeepSpeed asserts (train_batch_size == micro x accumulation x world size).
     """
+    if spec is not None and not spec.strip():  # --inventory "$UNSET": a mistake, not a request to probe
+        raise UserError("--inventory: empty; give a spec such as 1xRTX3090-24GB or 2xcpu, or leave it out to use the "
+                        "hardware found")
     if spec and hostfile:
         raise UserError("give an inventory spec or a hostfile, not both (--inventory / --hostfile)")
     if spec:
@@ -340,10 +361,13 @@ def detect_inventory(spec: Optional[str] = None, env: Mapping[str, str] = os.env
                                                              else None)
         if path:
             try:
-                with open(path) as f:
+                with open(path, encoding="utf-8") as f:
                     hosts = parse_hostfile(f.read())
             except OSError as e:
                 raise UserError(f"hostfile {path}: {e.strerror}") from None
+            except UnicodeDecodeError as e:
+                raise UserError(f"hostfile {path}: not a text file (byte 0x{e.object[e.start]:02x} at offset {e.start} "
+                                f"is not UTF-8); give a DeepSpeed hostfile of 'HOST slots=N' lines") from None
             slots = min(s for _, s in hosts)
             notes = [] if len({s for _, s in hosts}) == 1 else [f"hostfile slots differ; planning {slots} per node"]
             inventory = Inventory("hostfile", len(hosts), slots, gpu, hostnames=[h for h, _ in hosts],

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 
 from launcher.errors import ArgParser, PlanDoesNotFit, UserError
@@ -87,7 +89,7 @@ def build_plan(args):
             overrides.append(f"plan.{key}={json.dumps(value) if isinstance(value, bool) else value}")
         cfg = load_recipe(args.recipe, args.config, overrides)
         request = request_from_recipe(cfg)
-        spec = args.inventory or (None if args.hostfile else cfg.plan.inventory)  # what is typed wins
+        spec = args.inventory if args.inventory is not None or args.hostfile else cfg.plan.inventory  # typed wins
         clipping = gradient_clipping(cfg)
     else:
         if not args.model:
@@ -101,6 +103,10 @@ def build_plan(args):
         from launcher.recipe_request import default_optimizer
 
         args.method, args.optim = args.method or "full", args.optim or default_optimizer()
+        from launcher.config_checks import MAX_GLOBAL_BATCH
+
+        if args.global_batch is not None and args.global_batch > MAX_GLOBAL_BATCH:
+            raise UserError(f"--global-batch: must be at most {MAX_GLOBAL_BATCH}, got {args.global_batch}")
         for name, value, default in (("--seq-len", args.seq_len, 2048), ("--global-batch", args.global_batch, 16),
                                      ("--lora-r", args.lora_r, 16)):
             if value is not None and value < 1:
@@ -116,11 +122,36 @@ def build_plan(args):
         spec = args.inventory
         clipping = 1.0
     request.deepspeed = args.deepspeed or args.ds_config  # a DeepSpeed JSON is for a launched run
-    if args.host_ram is not None and args.host_ram <= 0:
-        raise UserError(f"--host-ram: must be positive (GiB per node), got {args.host_ram:g}")
+    if args.host_ram is not None and not 0 < args.host_ram < math.inf:
+        raise UserError(f"--host-ram: must be a positive number (GiB per node), got {args.host_ram:g}")
     inventory = detect_inventory(spec, hostfile=args.hostfile,
                                  host_ram_bytes=None if args.host_ram is None else int(args.host_ram * 2 ** 30))
-    return plan(request, inventory), inventory, clipping
+    if args.recipe or args.config:
+        return plan(request, inventory), inventory, clipping
+    try:
+        result = plan(request, inventory)
+    except UserError as e:
+        raise UserError(as_flags(str(e))) from None
+    result.reason, result.reasons = as_flags(result.reason), [as_flags(r) for r in result.reasons]
+    result.rejected = [dict(item, reason=as_flags(item["reason"])) for item in result.rejected]
+    return result, inventory, clipping
+
+
+# The planner words its advice and pins in recipe keys; `ftlaunch plan --model` takes these flags instead.
+MODEL_MODE_FLAGS = {"data.max_length": "--seq-len", "plan.global_batch_size": "--global-batch",
+                    "training.optim": "--optim", "plan.zero_stage": "--zero-stage", "plan.offload": "--offload",
+                    "plan.micro_batch_size": "--micro-batch", "plan.memory_fraction": "--memory-fraction",
+                    "plan.gradient_checkpointing": "--gradient-checkpointing"}
+_RECIPE_KEY = re.compile(r"\b(" + "|".join(map(re.escape, MODEL_MODE_FLAGS)) + r")=([^\s,;)]+)")
+
+
+def as_flags(text: str) -> str:
+    """'would fit: data.max_length=512' -> 'would fit: --seq-len 512' (checkpointing's true/false -> on/off)."""
+    def flag(match: re.Match) -> str:
+        value = {"True": "on", "False": "off"}.get(match.group(2), match.group(2))
+        return f"{MODEL_MODE_FLAGS[match.group(1)]} {value}"
+
+    return _RECIPE_KEY.sub(flag, text)
 
 
 def cmd_plan(argv: list[str]) -> int:

@@ -24,6 +24,7 @@ from launcher.errors import ArgParser, PreflightError, UserError
 from launcher.inventory import _local_world_size
 
 GiB = 1024 ** 3
+MAX_TIMEOUT_S = 86400  # a day: a check that waits longer is a typo (an inf would never report the missing rank)
 MIN_SHM_BYTES = 1 * GiB  # NCCL and DataLoader workers share memory through /dev/shm; Docker's default is 64 MiB
 SINGLE_PROCESS = ("single process: nothing to all-reduce (run under srun/torchrun/deepspeed to check the connections "
                   "between ranks)")
@@ -297,8 +298,8 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     args = p.parse_args(argv)
-    if args.timeout <= 0:
-        raise UserError("--timeout must be positive")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # nan and inf too: a timedelta of them fails, or never times out
+        raise UserError(f"--timeout: must be a number of seconds in (0, {MAX_TIMEOUT_S}], got {args.timeout:g}")
     if args.ranks_per_node is not None and args.ranks_per_node < 1:
         raise UserError(f"--ranks-per-node: must be positive, got {args.ranks_per_node}")
     per_node = args.ranks_per_node

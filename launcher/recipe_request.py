@@ -30,6 +30,15 @@ def request_from_recipe(cfg) -> PlanRequest:
         trainable = tokens * shape.hidden * (2 * shape.layers if peft_method == "prefix_tuning" else 1)
         notes.append(f"{peft_method}: {trainable} trainable parameters")
     plan_cfg = cfg.plan
+    checkpointing = plan_cfg.gradient_checkpointing
+    if peft_method == "prefix_tuning":
+        # the prefix enters each layer as past key values, which transformers drops in a checkpointed forward
+        # (use_cache=False): its attention then fails on mismatched lengths (tried, transformers 5.25)
+        if checkpointing:
+            raise UserError("plan.gradient_checkpointing: prefix tuning cannot train with checkpointing (its prefix "
+                            "is dropped on recompute); set it to false, or use peft.method=lora or prompt_tuning")
+        checkpointing = False
+        notes.append("prefix_tuning: no gradient checkpointing (the prefix would be dropped on recompute)")
     attention = "eager" if (getattr(cfg.model, "attn_implementation", None) or "sdpa") == "eager" else "sdpa"
     training = cfg.training or {}
     if training.get("torch_compile"):
@@ -52,7 +61,7 @@ def request_from_recipe(cfg) -> PlanRequest:
         lora_r=cfg.peft.r, lora_targets=cfg.peft.target_modules, trainable_params=trainable,
         optimizer=training.get("optim") or default_optimizer(), zero_stage=plan_cfg.zero_stage,
         offload=plan_cfg.offload, micro_batch_size=plan_cfg.micro_batch_size,
-        gradient_checkpointing=plan_cfg.gradient_checkpointing, memory_fraction=plan_cfg.memory_fraction,
+        gradient_checkpointing=checkpointing, memory_fraction=plan_cfg.memory_fraction,
         attention=attention, lora_dropout=float(cfg.peft.dropout or 0.0) if method != "full" else 0.0,
         loss_chunk_tokens=SFT_LOSS_CHUNK_TOKENS if chunked else 0, weight_dtype=cfg.model.dtype or "auto",
         logit_bytes={"dpo": DPO_LOGIT_BYTES, "grpo": GRPO_LOGIT_BYTES}.get(cfg.method),

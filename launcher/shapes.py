@@ -140,6 +140,15 @@ TINY_VOCAB_SIZE = 512
 TINY_DEFAULTS = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True,
                      attention_dropout=0.0, vocab_size=TINY_VOCAB_SIZE)
+# LlamaConfig's model settings (transformers 5.23), the names `model.tiny` may set: LlamaConfig takes any other name
+# silently, so a typo ('hidden_sizee') would train the default size. Token ids are the tokenizer's, not settable.
+TINY_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
+                    "rms_norm_eps", "use_cache", "pretraining_tp", "tie_word_embeddings", "rope_parameters",
+                    "attention_bias", "attention_dropout", "mlp_bias", "head_dim")
+# The sizes a config must give as positive integers (a zero or negative one fails deep in torch, or plans nonsense)
+SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def card_key(name: str) -> str:
@@ -154,6 +163,10 @@ def card_key(name: str) -> str:
 def from_hf_config(config: dict, name: str = "config.json") -> ModelShape:
     """An HF config dict (LlamaConfig / Qwen2Config / MistralConfig / BertConfig, ...) -> ModelShape."""
     cfg = dict(config.get("text_config") or {}, **{k: v for k, v in config.items() if k != "text_config"})
+    for key in SIZE_KEYS:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{name}: '{key}' must be a positive integer, got {value!r}")
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
@@ -175,9 +188,22 @@ def from_hf_config(config: dict, name: str = "config.json") -> ModelShape:
 
 
 def tiny_shape(overrides: Optional[dict], name: str = "tiny") -> ModelShape:
+    """The tiny model's shape with `model.tiny` applied (checked: LlamaConfig names, sizes the tokenizer fits)."""
+    import difflib
+
+    for key in overrides or {}:
+        if key not in TINY_CONFIG_KEYS:
+            close = difflib.get_close_matches(str(key), TINY_CONFIG_KEYS, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key 'model.tiny.{key}'{hint}; valid keys here: "
+                            f"{', '.join(TINY_CONFIG_KEYS)}")
     values = dict(TINY_DEFAULTS)
     values.update(overrides or {})
-    return replace(from_hf_config(values, name), name=name)
+    shape = from_hf_config(values, "model.tiny")
+    if shape.vocab < TINY_VOCAB_SIZE:
+        raise UserError(f"model.tiny: 'vocab_size' must be at least the tiny tokenizer's {TINY_VOCAB_SIZE} tokens, "
+                        f"got {shape.vocab}")
+    return replace(shape, name=name)
 
 
 def resolve_shape(name_or_path: str, overrides: Optional[dict] = None) -> ModelShape:

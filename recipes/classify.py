@@ -25,17 +25,19 @@ def build(ctx):
 
     cfg = ctx.cfg
     section = cfg.section("classify")
-    metric = section.get("metric", "f1")
-    if metric not in ("accuracy", "f1"):
-        raise UserError(f"classify.metric: {metric!r} is not one of accuracy, f1")
+    metric = section.get("metric", "f1")  # the section's values were checked when the recipe loaded (config_checks)
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
     plan = ctx.plan  # fitted to the data by load_inputs
     labels = sorted(set(bundle.train["label"]) | (set(bundle.eval["label"]) if has_eval else set()))
     names = bundle.stats.get("label_names")
-    num_labels = int(section.get("num_labels") or (len(names) if names else max(labels) + 1))
+    needed = len(names) if names else max(labels) + 1
+    num_labels = int(section.get("num_labels") or needed)
     if num_labels < 2:
         raise UserError(f"data: classification needs at least 2 labels, found {labels}")
+    if num_labels < needed:  # the head would have no output for the highest labels (an index error mid-training)
+        raise UserError(f"classify.num_labels: {num_labels}, but the data has {needed} labels (the last: "
+                        f"{names[-1] if names else max(labels)}); set classify.num_labels={needed} or remove it")
     weights = class_weights(section.get("class_weights", "none"), bundle.stats.get("label_counts") or {}, num_labels)
     if weights is not None:
         ctx.stats["class_weights"] = ", ".join(f"{w:.3g}" for w in weights)

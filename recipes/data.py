@@ -195,7 +195,7 @@ def _pop_lengths(ds):
 
 def split_train_eval(ds, ratio: float, seed: int, stratify: bool = False):
     """Seeded split; classification keeps each label's share in both parts (falls back to random when a label
-    has too few rows to be in both)."""
+    has too few rows to be in both, or a part has fewer rows than there are labels)."""
     from datasets import ClassLabel, Value
 
     n_eval = round(len(ds) * ratio)
@@ -204,7 +204,7 @@ def split_train_eval(ds, ratio: float, seed: int, stratify: bool = False):
     if stratify:
         labels = sorted(set(ds["label"]))
         counts = _label_counts(ds)
-        if len(labels) > 1 and min(counts.values()) >= 2:
+        if len(labels) > 1 and min(counts.values()) >= 2 and min(n_eval, len(ds) - n_eval) >= len(labels):
             as_class = ds.cast_column("label", ClassLabel(names=[str(x) for x in range(max(labels) + 1)]))
             parts = as_class.train_test_split(test_size=n_eval, seed=seed, stratify_by_column="label")
             back = Value("int64")

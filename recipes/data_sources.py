@@ -39,9 +39,9 @@ def read_source(source: str, data_cfg, kind: str, seed: int, for_eval: bool) -> 
             raise UserError(f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
         parts = [(source, _read_file(path))]
     elif path.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/", "~")) or "\\" in source:
-        raise UserError(f"{source}: file not found (data.source is resolved from {Path.cwd()})")
+        raise UserError(f"{source}: file not found ({_field(for_eval)} is resolved from {Path.cwd()})")
     else:
-        parts = [(source, _read_hub(source, data_cfg))]
+        parts = [(source, _read_hub(source, data_cfg, _field(for_eval)))]
     parts = [(label, _apply_column_map(ds, getattr(data_cfg, "columns", None) or {}, label)) for label, ds in parts]
     return RawSource(name=source, parts=parts)
 
@@ -70,18 +70,29 @@ def _read_synthetic(source: str, data_cfg, kind: str, seed: int, for_eval: bool)
         raise UserError(f"{source}: unknown synthetic {what}; use synthetic:arith or synthetic:reverse "
                         f"(options: ?max_operand=N&positive_fraction=F&order=reversed|natural&noise=F"
                         f"&rejected=near|mixed), or synthetic:chat_arith / synthetic:sentiment for the real models")
-    try:
-        max_operand = int(options.get("max_operand", synthetic.DEFAULT_MAX_OPERAND))
-        positive_fraction = float(options.get("positive_fraction", 0.5))
-        noise = float(options.get("noise", 0.0))
-        rejected = options.get("rejected", "near")
-        order = options.get("order", synthetic.DEFAULT_ORDER)
-        synthetic.format_number(0, order)  # raises ValueError for an unknown order
-        if max_operand < 1 or not 0.0 <= noise <= 1.0 or rejected not in synthetic.REJECTED:
-            raise ValueError(max_operand)
-    except ValueError:
-        raise UserError(f"{source}: bad synthetic option; e.g. ?max_operand=99&positive_fraction=0.3"
-                        f"&order=natural&noise=0.5&rejected=mixed") from None
+
+    def option(key: str, parse, ok, need: str, default):
+        if key not in options:
+            return default
+        try:
+            value = parse(options[key])
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise UserError(f"{source}: bad synthetic option {key}={options[key]}: must be {need}; e.g. "
+                            f"?max_operand=99&positive_fraction=0.3&order=natural&noise=0.5&rejected=mixed")
+        return value
+
+    def fraction(value) -> bool:
+        return 0.0 <= value <= 1.0
+
+    max_operand = option("max_operand", int, lambda v: v >= 1, "a positive integer", synthetic.DEFAULT_MAX_OPERAND)
+    positive_fraction = option("positive_fraction", float, fraction, "a number in [0, 1]", 0.5)
+    noise = option("noise", float, fraction, "a number in [0, 1]", 0.0)
+    rejected = option("rejected", str, lambda v: v in synthetic.REJECTED,
+                      f"one of {', '.join(synthetic.REJECTED)}", "near")
+    order = option("order", str, lambda v: v in synthetic.ORDERS, f"one of {', '.join(synthetic.ORDERS)}",
+                   synthetic.DEFAULT_ORDER)
     n_train, n_eval = synthetic_counts(data_cfg, for_eval)
     train_rows, eval_rows = synthetic.make_split(spec, n_train, n_eval, seed, max_operand=max_operand, order=order)
     if for_eval:
@@ -106,26 +117,33 @@ def _read_file(path: Path):
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty; point data.source at a file with training examples")
     builder = FILE_BUILDERS[path.suffix.lower()]
-    logger = datasets.utils.logging.get_logger("datasets.packaged_modules.json.json")
-    level = logger.level
-    logger.setLevel(datasets.logging.CRITICAL)  # it logs the parse error too: our one line says it, with the line
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its readers log the parse error: our line says it
     try:
         # The datasets cache is keyed on the file (path, size, mtime) and the ops applied, so a re-run with an
         # unchanged file reuses the Arrow files and every map/filter below, including tokenisation.
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # pyarrow/json parse errors: find the line ourselves for a useful message
         detail = first_bad_json_line(path) if builder == "json" else None
-        reason = detail or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        cause = e
+        while cause.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the parser's
+            cause = cause.__cause__
+        reason = detail or (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
         raise UserError(f"{path}: could not be read as {path.suffix} ({reason}); fix the file or convert it to "
                         f"JSON Lines (one object per line)") from None
     finally:
-        logger.setLevel(level)
+        datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
         raise UserError(f"{path}: the file has no rows; point data.source at a file with training examples")
     return ds
 
 
-def _read_hub(name: str, data_cfg):
+def _field(for_eval: bool) -> str:
+    """The recipe key a source came from, for messages."""
+    return "data.eval_source" if for_eval else "data.source"
+
+
+def _read_hub(name: str, data_cfg, field: str):
     import datasets
 
     subset, split = getattr(data_cfg, "subset", None), getattr(data_cfg, "split", "train") or "train"
@@ -133,7 +151,7 @@ def _read_hub(name: str, data_cfg):
         return datasets.load_dataset(name, subset, split=split)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"data.source '{name}': no such local file, and the hub dataset could not be loaded "
+        raise UserError(f"{field} '{name}': no such local file, and the hub dataset could not be loaded "
                         f"offline ({type(e).__name__}: {first}); download it elsewhere and pass a local "
                         f".jsonl/.parquet file or directory") from None
 

@@ -27,11 +27,8 @@ def build(ctx):
 
     cfg = ctx.cfg
     section = cfg.section("grpo")
-    names = section.get("reward", "arith")
+    names = section.get("reward", "arith")  # its values were checked when the recipe loaded (config_checks)
     names = names if isinstance(names, list) else [names]
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise UserError("grpo.reward: give a reward function name (arith, exact, digits) or a reward model "
-                        "directory, or a list of them")
     path = builder.model_path(cfg)
     tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path, padding_side="left")
     plan = ctx.plan  # fitted to the data by load_inputs
@@ -41,8 +38,8 @@ def build(ctx):
 
     num_generations = int(section.get("num_generations", 4))
     global_batch = plan.micro_batch_size * plan.gradient_accumulation_steps * ctx.env.world_size
-    if num_generations < 2 or global_batch % num_generations:
-        raise UserError(f"grpo.num_generations: {num_generations} must be at least 2 and divide the global batch "
+    if global_batch % num_generations:
+        raise UserError(f"grpo.num_generations: {num_generations} must divide the global batch "
                         f"({global_batch} = micro-batch {plan.micro_batch_size} x accumulation "
                         f"{plan.gradient_accumulation_steps} x {ctx.env.world_size} rank(s)); "
                         f"change grpo.num_generations or plan.global_batch_size")

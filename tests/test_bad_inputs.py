@@ -88,6 +88,8 @@ def _data(tmp_path: Path, kind: str) -> str:
         return str(write_jsonl(tmp_path / "chat.jsonl", rows))
     if kind == "undetectable":
         return str(write_jsonl(tmp_path / "odd.jsonl", [{"question": "1+1", "answer": "2"}]))
+    if kind == "three_classes":  # 10 rows: a 0.2 eval split has fewer rows than labels (no stratified split)
+        return str(write_jsonl(tmp_path / "cls.jsonl", [{"text": f"t{i}", "label": i % 3} for i in range(10)]))
     raise AssertionError(kind)
 
 
@@ -145,6 +147,8 @@ BAD_RUNS = [
     ("data_bad_extension", "lora_tiny", [], "bad_extension", ["unsupported file type '.txt'"]),
     ("data_bad_role", "lora_tiny", [], "bad_role", ["role 'robot'"]),
     ("data_undetectable_format", "lora_tiny", [], "undetectable", ["cannot tell the data format", "data.format"]),
+    ("labels_beyond_num_labels", "cls_tiny", ["classify.num_labels=2", "data.eval_ratio=0.2"], "three_classes",
+     ["classify.num_labels: 2, but the data has 3 labels", "classify.num_labels=3"]),
 ]
 
 
@@ -155,6 +159,53 @@ def test_bad_run_input(case, recipe, overrides, data, expected, tmp_path, capsys
     code = run_inprocess("run", "--recipe", recipe, f"output_dir={out}", "training.max_steps=2", "data.num_examples=32",
                          *extra, *overrides)
     assert_clean_failure(code, capsys.readouterr().err, out, *expected)
+
+
+BAD_VALUES = [
+    # recipe, override, expected fragment of the one line: refused when the recipe loads, so by every command
+    ("ppo_tiny", "ppo.response_length=abc", "ppo.response_length: must be a positive integer, got 'abc'"),
+    ("ppo_tiny", "ppo.response_length=0", "ppo.response_length: must be a positive integer, got 0"),
+    ("ppo_tiny", "ppo.num_ppo_epochs=abc", "ppo.num_ppo_epochs: must be a positive integer"),
+    ("ppo_tiny", "ppo.kl_coef=-1", "ppo.kl_coef: must be a number >= 0, got -1"),
+    ("ppo_tiny", "ppo.num_mini_batches=0", "ppo.num_mini_batches: must be a positive integer"),
+    ("grpo_tiny", "grpo.num_generations=abc", "grpo.num_generations: must be an integer >= 2, got 'abc'"),
+    ("grpo_tiny", "grpo.num_generations=2.5", "grpo.num_generations: must be an integer >= 2, got 2.5"),
+    ("grpo_tiny", "grpo.max_completion_length=abc", "grpo.max_completion_length: must be a positive integer"),
+    ("grpo_tiny", "grpo.temperature=-1", "grpo.temperature: must be a number > 0, got -1"),
+    ("grpo_tiny", "grpo.loss_type=dapoo", "(did you mean 'dapo'?)"),
+    ("grpo_tiny", "grpo.reward_weights=[1, 2]", "grpo.reward_weights: give one weight per reward (1), got 2"),
+    ("grpo_tiny", "grpo.reward=[]", "grpo.reward: must be a reward function name"),
+    ("grpo_tiny", "eval.max_new_tokens=-3", "eval.max_new_tokens: must be a positive integer, got -3"),
+    ("dpo_tiny", "dpo.loss_type=sigmoidd", "dpo.loss_type: must be one of sigmoid, hinge"),
+    ("dpo_tiny", "dpo.loss_type=[sigmoid, hingee]", "(did you mean 'hinge'?)"),
+    ("dpo_tiny", "dpo.beta=-1", "dpo.beta: must be a number > 0, got -1"),
+    ("cls_tiny", "classify.freeze_layers=-1", "classify.freeze_layers: must be an integer >= 0, got -1"),
+    ("cls_tiny", "classify.metric=f2", "classify.metric: must be one of accuracy, f1, got 'f2'"),
+    ("cls_tiny", "classify.num_labels=1", "classify.num_labels: must be an integer >= 2"),
+    ("lora_tiny", "training.learning_rate=.inf", "training.learning_rate: must be a finite number, got inf"),
+    ("lora_tiny", "training.max_grad_norm=.nan", "training.max_grad_norm: must be a finite number, got nan"),
+    ("lora_tiny", "peft.alpha=-5", "peft.alpha: must be a positive integer"),
+    ("lora_tiny", "peft.target_modules=[]", "peft.target_modules: empty"),
+    ("lora_tiny", "model.tiny={hidden_size: -64}", "model.tiny: 'hidden_size' must be a positive integer, got -64"),
+    ("lora_tiny", "model.tiny={hidden_sizee: 64}", "'model.tiny.hidden_sizee' (did you mean 'hidden_size'?)"),
+    ("lora_tiny", "model.tiny={vocab_size: 100}", "model.tiny: 'vocab_size' must be at least the tiny tokenizer's"),
+    ("lora_tiny", "plan.global_batch_size=99999999999999999999", "plan.global_batch_size: must be in [1, 1048576]"),
+    ("lora_tiny", "plan.inventory=2xFOO", "plan.inventory: inventory spec '2xFOO'"),
+]
+
+
+@pytest.mark.parametrize("recipe,override,expected", BAD_VALUES, ids=[c[1] for c in BAD_VALUES])
+def test_bad_values_are_refused_by_plan(recipe, override, expected, tmp_path, capsys):
+    """Values of the right key but a wrong type or range: `ftlaunch plan` refuses them as `run` would."""
+    assert_clean_failure(run_inprocess("plan", "--recipe", recipe, override), capsys.readouterr().err,
+                         tmp_path / "out", expected)
+
+
+@pytest.mark.parametrize("argv", [["slurm", "--recipe", "dpo_tiny", "dpo.beta=-1"],
+                                  ["pipeline", "rlhf_tiny", "--dry-run", "ppo:ppo.kl_coef=-1"]],
+                         ids=["slurm", "pipeline_dry_run"])
+def test_bad_values_are_refused_by_slurm_and_pipeline(argv, tmp_path, capsys):
+    assert_clean_failure(run_inprocess(*argv), capsys.readouterr().err, tmp_path / "out", "must be a number")
 
 
 def test_resume_from_missing_checkpoint(tmp_path, capsys):
@@ -177,6 +228,23 @@ def test_global_batch_not_divisible_by_ranks(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     code = run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "plan.global_batch_size=3")
     assert_clean_failure(code, capsys.readouterr().err, out, "plan.global_batch_size=3", "2")
+
+
+def test_prefix_tuning_never_plans_checkpointing(capsys):
+    """Prefix tuning with checkpointing fails in transformers (the prefix's past key values are dropped on
+    recompute): the planner leaves it off where LoRA would turn it on, and a pin is refused in one line."""
+    import json
+
+    args = ["plan", "--recipe", "lora_7b", "--inventory", "1xRTX3090-24GB", "--json"]
+    assert run_inprocess(*args) == 0
+    assert json.loads(capsys.readouterr().out)["gradient_checkpointing"] is True  # what LoRA gets here
+    assert run_inprocess(*args, "peft.method=prefix_tuning") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["gradient_checkpointing"] is False and any("prefix_tuning: no gradient" in r for r in plan["reasons"])
+    assert run_inprocess("plan", "--recipe", "sft_tiny", "peft.method=prefix_tuning",
+                         "plan.gradient_checkpointing=true") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plan.gradient_checkpointing: prefix tuning cannot" in err, err
 
 
 def test_plan_global_batch_not_divisible(capsys):
@@ -209,7 +277,16 @@ def test_bad_arguments_are_one_line_not_a_usage_block(argv, expected, tmp_path, 
     (["plan", "--model", "llama-2-7b", "--micro-batch", "0"], "--micro-batch: must be positive, got 0"),
     (["plan", "--model", "llama-2-7b", "--optim", "adamw_torhc"], "(did you mean adamw_torch?)"),
     (["check", "--ranks-per-node", "0"], "--ranks-per-node: must be positive, got 0"),
-], ids=["lora_r_full", "micro_0", "optim", "ranks_per_node"])
+    (["check", "--timeout", "nan"], "--timeout: must be a number of seconds in (0, 86400], got nan"),
+    (["check", "--timeout", "inf"], "--timeout: must be a number of seconds in (0, 86400], got inf"),
+    (["plan", "--recipe", "lora_tiny", "--inventory", "1xA100", "--host-ram", "nan"], "--host-ram: must be a positive"),
+    (["plan", "--recipe", "lora_tiny", "--inventory", "1xA100", "--host-ram", "inf"], "--host-ram: must be a positive"),
+    (["plan", "--recipe", "lora_tiny", "--inventory", ""], "--inventory: empty"),
+    (["inventory", "--inventory", ""], "--inventory: empty"),
+    (["plan", "--model", "llama-2-7b", "--global-batch", "99999999999"], "--global-batch: must be at most 1048576"),
+    (["plan", "--model", "llama-2-7b", "--inventory", "8xA100", "--global-batch", "12"], "--global-batch 12 is not"),
+], ids=["lora_r_full", "micro_0", "optim", "ranks_per_node", "timeout_nan", "timeout_inf", "host_ram_nan",
+        "host_ram_inf", "plan_inventory_empty", "inventory_empty", "global_batch_huge", "model_mode_flag_names"])
 def test_argument_values_argparse_accepts_but_mean_nothing(argv, expected, tmp_path, capsys):
     """Values of the right type that would be ignored or mean nothing: refused in one line, not planned around."""
     assert_clean_failure(run_inprocess(*argv), capsys.readouterr().err, tmp_path / "out", expected)
@@ -221,6 +298,35 @@ def test_every_command_prints_its_help(command, capsys):
     with pytest.raises(SystemExit) as exited:
         run_inprocess(command, "--help")
     assert exited.value.code == 0 and f"usage: ftlaunch {command}" in capsys.readouterr().out
+
+
+def test_plan_model_mode_suggests_flags_not_recipe_keys(capsys):
+    """`plan --model` takes --seq-len, not data.max_length: its 'would fit' advice names the flag it takes."""
+    code = run_inprocess("plan", "--model", "llama-2-7b", "--inventory", "1xA100", "--seq-len", "99999999")
+    err = capsys.readouterr().err
+    assert code == 3 and "would fit: --seq-len " in err and "data.max_length" not in err, err
+
+
+def test_plan_model_dir_with_bad_sizes(tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": -4096, "num_hidden_layers": 32,
+                                                   "num_attention_heads": 32, "vocab_size": 32000}))
+    code = run_inprocess("plan", "--model", str(model), "--inventory", "1xA100")
+    assert_clean_failure(code, capsys.readouterr().err, tmp_path / "out", "'hidden_size' must be a positive integer")
+
+
+@pytest.mark.parametrize("adapter_config,expected", [
+    ("{bad json", "adapter_config.json (Expecting property name"),
+    ('{"peft_type": "LORA", "base_model_name_or_path": "/no/base"}', "the base model /no/base"),
+    ('{"peft_type": "LORA"}', "base_model_name_or_path in"),
+], ids=["bad_json", "base_missing", "no_base"])
+def test_export_of_a_broken_adapter_dir(adapter_config, expected, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "adapter_config.json").write_text(adapter_config)
+    assert_clean_failure(run_inprocess("export", str(run_dir), "--merge"), capsys.readouterr().err,
+                         run_dir / "merged", expected)
 
 
 def test_unwritable_output_is_one_line(tmp_path, capsys):

@@ -150,3 +150,24 @@ def test_every_recipe_training_section_builds_its_trainer_config(name, tmp_path)
     extra = {"loss_type": cfg.section("dpo")["loss_type"]} if cfg.section("dpo").get("loss_type") else {}
     make_args(getattr(importlib.import_module(module), cls),
               {**cfg.training, **extra, "output_dir": str(tmp_path), "use_cpu": True, "bf16": False, "report_to": []})
+
+
+def test_method_value_rules_follow_the_installed_libraries():
+    """The torch-free lists config_checks and shapes hold (recipes load without importing TRL or transformers)
+    still name what TRL 1.12 and transformers accept: an upgrade that renames one fails here."""
+    import dataclasses
+
+    from transformers import LlamaConfig
+    from trl import DPOConfig, GRPOConfig
+
+    from launcher.config import METHOD_SECTION_KEYS
+    from launcher.config_checks import DPO_LOSS_TYPES, GRPO_LOSS_TYPES, METHOD_SECTION_RULES
+    from launcher.shapes import TINY_CONFIG_KEYS
+
+    for section, rules in METHOD_SECTION_RULES.items():
+        assert set(rules) <= set(METHOD_SECTION_KEYS[section]), section
+    help_of = {cls: {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)} for cls in (DPOConfig,
+                                                                                                       GRPOConfig)}
+    assert all(f"'{name}'" in help_of[DPOConfig]["loss_type"] for name in DPO_LOSS_TYPES)
+    assert all(f"'{name}'" in help_of[GRPOConfig]["loss_type"] for name in GRPO_LOSS_TYPES)
+    assert set(TINY_CONFIG_KEYS) <= {f.name for f in dataclasses.fields(LlamaConfig)}

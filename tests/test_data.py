@@ -214,8 +214,10 @@ def test_synthetic_options_and_errors(tok):
     assert bundle.stats["label_counts"] == {0: 72, 1: 18}
     with pytest.raises(UserError, match="unknown synthetic task 'arithm'"):
         load_data(cfg(source="synthetic:arithm"), "sft")
-    with pytest.raises(UserError, match="bad synthetic option"):
-        load_data(cfg(source="synthetic:arith?order=backwards"), "sft")
+    for option, need in (("order=backwards", "one of reversed, natural"), ("max_operand=-5", "a positive integer"),
+                         ("positive_fraction=nan", "a number in \\[0, 1\\]")):  # which option, and what it takes
+        with pytest.raises(UserError, match=f"bad synthetic option {option}: must be {need}"):
+            load_data(cfg(source=f"synthetic:arith?{option}"), "sft")
     natural = load_data(cfg(source="synthetic:arith?order=natural&max_operand=9", num_examples=20), "sft")
     assert all(r["completion"] == str(eval(r["prompt"][:-1])) for r in natural.train.to_list())
 
@@ -356,8 +358,11 @@ def test_identical_chosen_rejected(tmp_path):
 
 
 def test_missing_file_and_bad_extension(tmp_path):
-    with pytest.raises(UserError, match="nope.jsonl: file not found"):
+    with pytest.raises(UserError, match="nope.jsonl: file not found .data.source is resolved"):
         load_data(cfg(source=str(tmp_path / "nope.jsonl")), "sft")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "completion": "2"}])
+    with pytest.raises(UserError, match="held.jsonl: file not found .data.eval_source is resolved"):
+        load_data(cfg(source=train, eval_source=str(tmp_path / "held.jsonl")), "sft")
     other = tmp_path / "data.txt"
     other.write_text("hello", encoding="utf-8")
     with pytest.raises(UserError, match="unsupported file type '.txt'"):
@@ -441,6 +446,26 @@ def test_stratified_split_keeps_label_ratio(tmp_path):
     bundle = load_data(cfg(source=path, eval_ratio=0.25), "classification", seed=5)
     assert len(bundle.eval) == 50 and sum(bundle.eval["label"]) == 10 and sum(bundle.train["label"]) == 30
     assert bundle.train.features["label"].dtype == "int64"
+
+
+def test_stratified_split_with_fewer_eval_rows_than_labels(tmp_path):
+    """10 rows of 3 labels, 2 held out: no stratified split can hold every label; a plain seeded one is made."""
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": f"t{i}", "label": i % 3} for i in range(10)])
+    bundle = load_data(cfg(source=path, eval_ratio=0.2), "classification", seed=0)
+    assert (len(bundle.train), len(bundle.eval)) == (8, 2)
+
+
+def test_corrupt_csv_is_one_line_with_the_cause(tmp_path, capfd):
+    """The parser's own reason in our line, and datasets' logger quiet (it would print the error first)."""
+    import datasets
+
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,completion\n1+1=,2,extra,cols\n"unterminated\n', encoding="utf-8")
+    datasets.logging.set_verbosity_warning()  # as the command line has it
+    with pytest.raises(UserError, match=r"d.csv: could not be read as .csv \(Error tokenizing data"):
+        load_data(cfg(source=str(path)), "sft")
+    assert "Failed to read file" not in capfd.readouterr().err
+    assert datasets.logging.get_verbosity() == datasets.logging.WARNING  # restored
 
 
 def test_eval_source_overrides_split(tmp_path):

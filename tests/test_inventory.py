@@ -59,6 +59,26 @@ def test_parse_spec_bad(spec):
     assert str(err.value) == f"inventory spec '{spec}': expected [NODES x] GPUS x NAME[-MEM], e.g. 1xRTX3090-24GB"
 
 
+@pytest.mark.parametrize("spec,expected", [
+    ("1xA100-99999999999GB", "99999999999 GB per GPU is out of range; give 1-1024 GB"),
+    ("1xH100-0.0000001GB", "0.0000001 GB per GPU is out of range"),
+    ("99999999999x8xH100-80GB", "99999999999 node(s) x 8 GPU(s) is out of range"),
+    ("1x65xH100", "1 node(s) x 65 GPU(s) is out of range"),
+    ("5000xcpu", "5000 CPU ranks on one host; give at most 1024"),
+])
+def test_parse_spec_absurd_sizes(spec, expected):
+    """Well-formed but beyond any machine: a typo, refused rather than planned (and overflowing the arithmetic)."""
+    with pytest.raises(UserError) as err:
+        parse_spec(spec)
+    assert str(err.value).startswith(f"inventory spec '{spec}': {expected}"), str(err.value)
+
+
+def test_empty_spec_is_refused_not_probed(monkeypatch):
+    monkeypatch.setattr(inv, "probe_gpus", lambda env=None: pytest.fail("an empty spec must not probe"))
+    with pytest.raises(UserError, match="--inventory: empty"):
+        detect_inventory("", env={})
+
+
 def test_parse_spec_unknown_gpu_without_memory():
     with pytest.raises(UserError, match="unknown GPU 'FOO9000'"):
         parse_spec("1xFOO9000")
@@ -89,6 +109,8 @@ def test_parse_hostfile():
         parse_hostfile("worker-1 8")
     with pytest.raises(UserError, match="no 'HOST slots=N'"):
         parse_hostfile("# empty\n")
+    with pytest.raises(UserError, match="hostfile line 3: host 'worker-1' is already on line 1; list each host once"):
+        parse_hostfile("worker-1 slots=4\nworker-2 slots=4\nworker-1 slots=4\n")
 
 
 def fake_gpus(n=4, name="NVIDIA A100-SXM4-80GB", total=80 * GiB, free=79 * GiB, cc=(8, 0)):
@@ -154,6 +176,9 @@ def test_hostfile_inventory(monkeypatch, tmp_path):
     assert (result.source, result.nodes, result.ranks_per_node, result.hostnames) == ("hostfile", 2, 8, ["w1", "w2"])
     with pytest.raises(UserError, match="hostfile"):
         detect_inventory(env={"FTLAUNCH_HOSTFILE": str(tmp_path / "missing")})
+    hostfile.write_bytes(b"\xff\xfe w1 slots=8\n")
+    with pytest.raises(UserError, match="not a text file .byte 0xff at offset 0 is not UTF-8.; give a DeepSpeed"):
+        detect_inventory(hostfile=str(hostfile), env={})
 
 
 def test_precedence_spec_over_slurm(monkeypatch):
