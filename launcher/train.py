@@ -207,10 +207,12 @@ def run(argv: list[str]) -> int:
     from launcher.dist import refuse_bare_srun_tasks
 
     refuse_bare_srun_tasks(env)
+    inputs = plan_inputs(cfg, env)
+    make_plan(cfg, env, inputs)  # bad input (a batch the ranks cannot split, nothing fits) fails alone, at once
     join_process_group(env)
     created = None
     try:
-        ctx = prepare(cfg, env, args)
+        ctx = prepare(cfg, env, args, inputs)
         created = writable_dir(ctx.output_dir, "output_dir")  # a file, a read-only place: one line now
         code = _run(ctx, importlib.import_module(f"recipes.{cfg.method}"), args, argv)  # one module per method
     except (UserError, PlanDoesNotFit):
@@ -222,12 +224,11 @@ def run(argv: list[str]) -> int:
     return code
 
 
-def prepare(cfg, env: DistEnv, args) -> RunContext:
+def prepare(cfg, env: DistEnv, args, inputs: PlanInputs) -> RunContext:
     """The plan and DeepSpeed config, planned alike on every rank from what the ranks measured together."""
     from launcher.dist import agree_on_inventory
     from launcher.ds_config import deepspeed_config, gradient_clipping
 
-    inputs = plan_inputs(cfg, env)
     inputs.inventory = agree_on_inventory(inputs.inventory)
     if env.launched:
         keep_checkpoint_stage(inputs.request, cfg.output_dir, args.resume)
@@ -337,8 +338,8 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
         barrier()  # no rank exits (and gets rank 0 killed by srun) before the manifest says preempted
         return PREEMPTED_EXIT_CODE
 
+    trainer.save_model(str(out))  # first: the final weights are safe before anything else can fail
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    trainer.save_model(str(out))
     if env.is_main:
         from launcher.checkpoints import readable_weights
 

@@ -113,7 +113,11 @@ def load_tokenizer(cfg, path: str, padding_side: str = "right"):
     with loading("model.tokenizer" if cfg.model.tokenizer else "model.name", cfg.model.tokenizer or cfg.model.name):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        # not eos where the vocabulary has another spare token (Llama's <unk>): TRL's PPO ends a response at its first
+        # pad and masks that token out of the loss, so with pad = eos the policy never learns to stop; every stage
+        # loads its tokenizer here, so the reward model scores the same last token PPO's rollouts end on
+        spare = tokenizer.unk_token
+        tokenizer.pad_token = spare if spare is not None and spare != tokenizer.eos_token else tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
 

@@ -40,7 +40,8 @@ def training_kwargs(ctx, **method_defaults) -> dict:
         data_seed=cfg.seed,
         # batch geometry, checkpointing, precision and clipping exactly as in the DeepSpeed JSON of the same plan
         **training_args_overrides(plan, gradient_clipping(cfg)),
-        per_device_eval_batch_size=max(plan.micro_batch_size, 8),
+        # what trains fits: an eval batch keeps no gradients or activations (8 rows would not, on a 24 GB QLoRA plan)
+        per_device_eval_batch_size=plan.micro_batch_size,
         # On CPU, use_cpu=True is what makes accelerate see every DeepSpeed rank (measured: without it each rank
         # silently believes it is alone and trains on its own).
         use_cpu=not has_cuda(),

@@ -169,7 +169,6 @@ def build(ctx):
         stop_token="eos", num_sample_generations=0,
         local_rollout_forward_batch_size=int(section.get("local_rollout_forward_batch_size",
                                                          max(rows, PPO_ROLLOUT_CHUNK))),
-        learning_rate=1e-5,
         # PPOConfig declares world_size as a field (PPOTrainer overwrites it with the accelerator's count); left None,
         # TrainingArguments' DeepSpeed set-up multiplies by it before the trainer exists.
         world_size=ctx.env.world_size,
@@ -192,12 +191,13 @@ def build(ctx):
     policy = builder.load_model(cfg, plan, path)
     _sync_generation_config(policy, tokenizer)
     ref_model = None if peft_cfg is not None else builder.load_model(cfg, plan, path)  # LoRA: adapter disabled
-    dtype = builder.torch_dtype(cfg, plan)
     scorers = []
-    for field, p in (("ppo.reward_model", reward_path), ("ppo.value_model", value_path)):
+    # the value model trains whole: in one process an fp16 plan loads it in fp32, as the planner counts it (load_dtype)
+    for field, p, trained in (("ppo.reward_model", reward_path, False), ("ppo.value_model", value_path, True)):
         with builder.loading(field, p):
-            m = AutoModelForSequenceClassification.from_pretrained(p, num_labels=1, dtype=dtype,
-                                                                   pad_token_id=tokenizer.pad_token_id)
+            m = AutoModelForSequenceClassification.from_pretrained(
+                p, num_labels=1, dtype=builder.torch_dtype(cfg, plan, trained_full=trained),
+                pad_token_id=tokenizer.pad_token_id, trust_remote_code=cfg.model.trust_remote_code)
         m.config.pad_token_id = tokenizer.pad_token_id
         scorers.append(m)
     reward_model, value_model = scorers

@@ -31,6 +31,13 @@ def build(ctx):
     trainer = RewardTrainer(model=model, args=args, train_dataset=bundle.train,
                             eval_dataset=bundle.eval if has_eval else None, processing_class=tokenizer,
                             peft_config=builder.peft_config(cfg, "SEQ_CLS"))
+    if cfg.quant.load_in_4bit and plan.precision == "fp32":
+        # TRL casts a 4-bit model's trainable parameters to bf16 (the QLoRA paper's adapters), the score head's
+        # trained copy too; LoRA layers cast their input, a plain Linear head does not, and without autocast (an
+        # fp32 plan: CPUs) the fp32 hidden states then meet a bf16 head and the forward fails
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and "modules_to_save" in name:
+                param.data = param.data.float()
     evaluator = pairwise_evaluator(ctx, bundle.eval.to_list() if has_eval else [], path, tokenizer) \
         if has_eval else None
     return trainer, evaluator

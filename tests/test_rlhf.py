@@ -172,6 +172,17 @@ def policy_dir(tmp_path_factory) -> Path:
     return d / "sft"
 
 
+def test_rm_qlora_trains_on_an_fp32_plan(tmp_path):
+    """A 4-bit reward model with LoRA on the CPU (an fp32 plan, no autocast): TRL casts the trained score head to
+    bf16, and the fp32 hidden states met it ("expected m1 and m2 to have the same dtype") before the recipe cast it
+    back."""
+    out = tmp_path / "rm_qlora"
+    assert run_inprocess("run", "--recipe", "rm_tiny", f"output_dir={out}", "peft.method=lora",
+                         "quant.load_in_4bit=true", "training.max_steps=2", "eval.num_examples=8") == 0
+    m = manifest(out)
+    assert m["status"] == "finished" and m["metrics"]["after"]["n"] == 8
+
+
 def test_ppo_tiny_reward_rises(tmp_path, rm_dir, policy_dir):
     out = tmp_path / "ppo"
     rc = run_inprocess("run", "--recipe", "ppo_tiny", f"output_dir={out}", f"model.name={policy_dir}",
