@@ -76,6 +76,50 @@ def _write_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+LOCK_FILE = ".ftlaunch-run.lock"
+_held: list = []  # the open lock file: the lock lasts as long as this process, however it ends
+
+
+def hold_output_dir(output_dir: Path) -> None:
+    """Rank 0 takes `output_dir` for this run (an exclusive flock), or refuses (UserError) while another live run
+    holds it: two jobs of one recipe (a sweep submitted twice) would resume each other's checkpoints and rotate and
+    delete each other's. The lock dies with its process, so a crashed or requeued run never leaves it stale. Where
+    the file system has no locks (some Lustre mounts) the run goes on unguarded."""
+    import fcntl
+    import socket
+
+    from launcher.errors import UserError
+
+    path = Path(output_dir) / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"output_dir: {output_dir} is in use by a run that is still going ({holder}); give another "
+                        f"output_dir, or wait for that run to end") from None
+    except OSError:
+        return  # no locking here: nothing to hold
+    job = os.environ.get("SLURM_JOB_ID")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}{f', Slurm job {job}' if job else ''}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    _held.append(handle)
+
+
+def release_output_dir() -> None:
+    """End this process's hold when its run returns (the process may go on: tests, an in-process pipeline); the
+    file goes too, so that a refused run leaves a directory as it found it."""
+    while _held:
+        handle = _held.pop()
+        Path(handle.name).unlink(missing_ok=True)  # still held: no other run is using it
+        handle.close()
+
+
 def read_manifest(output_dir: Path) -> dict | None:
     """The run's manifest.json, or None where there is none, or none of ours (unreadable, not a JSON object, or
     another tool's manifest.json: ours always names recipe, method and status)."""

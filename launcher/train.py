@@ -210,16 +210,22 @@ def run(argv: list[str]) -> int:
     inputs = plan_inputs(cfg, env)
     make_plan(cfg, env, inputs)  # bad input (a batch the ranks cannot split, nothing fits) fails alone, at once
     join_process_group(env)
+    from launcher.manifest import hold_output_dir, release_output_dir
+
     created = None
     try:
         ctx = prepare(cfg, env, args, inputs)
         created = writable_dir(ctx.output_dir, "output_dir")  # a file, a read-only place: one line now
+        if env.is_main:  # one live run per output_dir
+            hold_output_dir(ctx.output_dir)
         code = _run(ctx, importlib.import_module(f"recipes.{cfg.method}"), args, argv)  # one module per method
     except (UserError, PlanDoesNotFit):
         if env.is_main and created is not None:  # nothing half-written
             shutil.rmtree(created, ignore_errors=True)
         leave_process_group()  # raised by our own checks, between collectives: keeps its one line and exit code
         raise
+    finally:
+        release_output_dir()
     leave_process_group()
     return code
 

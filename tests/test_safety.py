@@ -128,6 +128,27 @@ def test_a_refused_run_removes_only_what_it_created(tmp_path, capsys):
     assert "missing.jsonl" in capsys.readouterr().err
 
 
+def test_one_live_run_per_output_dir(tmp_path, capsys):
+    """A second run into an output_dir that a live run holds (a sweep submitted twice) is refused, naming the
+    holder; once the holder's process has ended (crashed, requeued), its lock is gone and a run goes ahead."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from launcher.manifest import "
+                               f"hold_output_dir; hold_output_dir({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={"SLURM_JOB_ID": "4242", "PATH": "/usr/bin:/bin"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", *TINY) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is in use by a run that is still going (pid" in err and "job 4242" in err, err
+        assert out.is_dir() and not (out / "manifest.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={out}", "training.max_steps=1", *TINY) == 0
+
+
 # ---- safe defaults ------------------------------------------------------------------------------------------------
 
 WANDB = "wandb-planted-7c1e9f5d2b8a4e6f"
