@@ -79,7 +79,7 @@ def _checkpointing_names(kw: dict) -> dict:
     return kw
 
 
-def load_inputs(ctx, kind: str, path: str, padding_side: str = "right"):
+def load_inputs(ctx, kind: str, path: str, padding_side: str = "right", too_long: str | None = None):
     """What every recipe starts from: the tokenizer and the validated data (its counts go to the run summary).
     Once the rows are counted, the plan is fitted to the longest (ctx.plan may change: read it after this call).
     Returns (tokenizer, bundle, has_eval)."""
@@ -88,7 +88,7 @@ def load_inputs(ctx, kind: str, path: str, padding_side: str = "right"):
 
     tokenizer = builder.load_tokenizer(ctx.cfg, path, padding_side)
     try:
-        bundle = load_data(ctx.cfg.data, kind, tokenizer, seed=ctx.cfg.seed)
+        bundle = load_data(ctx.cfg.data, kind, tokenizer, seed=ctx.cfg.seed, too_long=too_long)
     except ValueError as e:  # chat rows, and a base model's tokenizer (Llama-2-7b-hf, Mistral-7B-v0.1) has no template
         if "chat_template is not set" not in str(e):
             raise
@@ -327,6 +327,8 @@ def print_summary(ctx, trainer, metrics: dict) -> None:
     for key, value in (metrics.get("data") or {}).items():
         if isinstance(value, (int, float, str)):
             table.add_row(f"data: {key}", _fmt(value))
+        elif key == "dropped" and value:  # rows dropped, by reason
+            table.add_row("data: dropped", ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in value.items()))
     table.add_row("wall time (s)", f"{metrics['wall_seconds']:.1f}")
     table.add_row("output", str(ctx.output_dir))
     console = Console()

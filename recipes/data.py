@@ -34,7 +34,8 @@ class DataBundle:
     train_lengths: Optional[list] = None  # tokens of each training row, in the dataset's order (None: not counted)
 
 
-def load_data(data_cfg, kind: str, tokenizer=None, seed: int = 0) -> DataBundle:
+def load_data(data_cfg, kind: str, tokenizer=None, seed: int = 0, too_long: str | None = None) -> DataBundle:
+    """`too_long`: overrides data.too_long for a trainer that cannot truncate (rm)."""
     if kind not in KINDS:
         raise UserError(f"unknown data kind '{kind}'; expected one of {', '.join(KINDS)}")
     fmt_name = getattr(data_cfg, "format", "auto") or "auto"
@@ -47,7 +48,7 @@ def load_data(data_cfg, kind: str, tokenizer=None, seed: int = 0) -> DataBundle:
     eval_source = getattr(data_cfg, "eval_source", None)
     eval_ratio = float(getattr(data_cfg, "eval_ratio", 0.1) or 0.0)
     max_length = getattr(data_cfg, "max_length", None)
-    too_long = getattr(data_cfg, "too_long", "truncate")
+    too_long = too_long or getattr(data_cfg, "too_long", "truncate")
     if too_long not in ("truncate", "drop"):
         raise UserError(f"data.too_long: '{too_long}' is not one of truncate, drop")
 

@@ -19,7 +19,12 @@ def build(ctx):
     cfg = ctx.cfg
     section = cfg.section("rm")
     path = builder.model_path(cfg)
-    tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path)
+    # TRL's RewardTrainer drops a pair longer than max_length (it cannot truncate one): drop it here, where the
+    # summary counts it, rather than report it truncated
+    tokenizer, bundle, has_eval = common.load_inputs(ctx, DATA_KIND, path, too_long="drop")
+    if cfg.data.too_long == "truncate" and bundle.stats["dropped"].get("too_long"):
+        ctx.start_notes.append(f"{bundle.stats['dropped']['too_long']} pair(s) longer than data.max_length "
+                               f"{cfg.data.max_length} dropped: the reward trainer cannot truncate a pair")
     plan = ctx.plan  # fitted to the data by load_inputs
     method_defaults = dict(max_length=cfg.data.max_length)
     if section.get("center_rewards_coefficient") is not None:

@@ -183,6 +183,19 @@ def test_rm_qlora_trains_on_an_fp32_plan(tmp_path):
     assert m["status"] == "finished" and m["metrics"]["after"]["n"] == 8
 
 
+def test_rm_drops_over_long_pairs_and_says_so(tmp_path, capsys):
+    """TRL's RewardTrainer drops a pair over max_length (it cannot truncate one): with data.too_long=truncate (the
+    default) the summary counted them as truncated and the trainer quietly trained on fewer rows."""
+    out = tmp_path / "rm_short"
+    assert run_inprocess("run", "--recipe", "rm_tiny", f"output_dir={out}", "data.max_length=9",
+                         "training.max_steps=1", "eval.num_examples=4") == 0
+    data = manifest(out)["metrics"]["data"]
+    assert data["truncated"] == 0 and data["dropped"]["too_long"] > 0 and data["longest"] <= 9
+    assert data["train_rows"] + data["eval_rows"] + data["dropped"]["too_long"] == data["rows_read"], data
+    text = capsys.readouterr().out
+    assert "dropped: the reward trainer cannot truncate a pair" in text and "too long" in text
+
+
 def test_ppo_tiny_reward_rises(tmp_path, rm_dir, policy_dir):
     out = tmp_path / "ppo"
     rc = run_inprocess("run", "--recipe", "ppo_tiny", f"output_dir={out}", f"model.name={policy_dir}",
