@@ -183,3 +183,38 @@ def test_chat_data_with_a_tokenizer_without_template_is_one_line(tmp_path, capsy
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ftlaunch")]
     assert rc == 2 and len(err) == 1 and "model.tokenizer: the data is chat" in err[0], err
     assert not out.exists()
+
+
+def test_chat_rows_train_on_the_assistant_turns(tmp_path):
+    """A chat template that marks assistant turns ({% generation %}, the tiny one does) trains on them only: in a
+    collated batch the labels are the assistant's answer and its eos, never the system or user text. A template
+    without marks trains on every turn and the start says so."""
+    from transformers import AutoTokenizer
+
+    from launcher.config import load_recipe
+    from launcher.train import DistEnv, RunContext, make_plan
+    from recipes import builder, sft
+
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{i}+1?"},
+                          {"role": "assistant", "content": f"it is {i + 1}"}]} for i in range(40)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    unmarked = AutoTokenizer.from_pretrained(builder.tiny_model_dir(None, seed=0))
+    unmarked.chat_template = unmarked.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    unmarked.save_pretrained(tmp_path / "unmarked")
+
+    def build(*extra):
+        cfg = load_recipe("lora_tiny", overrides=[f"output_dir={tmp_path / 'out'}", f"data.source={tmp_path}/chat.jsonl",
+                                                  "eval.num_examples=0", *extra])
+        ctx = RunContext(cfg=cfg, plan=make_plan(cfg, DistEnv()), env=DistEnv(), ds_config=None, output_dir=tmp_path)
+        return ctx, sft.build(ctx)[0]
+
+    ctx, trainer = build()
+    assert trainer.args.assistant_only_loss and not ctx.start_notes
+    tokenizer = trainer.processing_class
+    for row in (trainer.train_dataset[i] for i in range(3)):
+        labels = trainer.data_collator([row])["labels"][0]
+        trained = tokenizer.decode([t for t in labels.tolist() if t != -100])
+        assert trained.startswith("it is ") and trained.endswith(tokenizer.eos_token), trained
+        assert "Be brief" not in trained and "?" not in trained
+    ctx, trainer = build(f"model.tokenizer={tmp_path / 'unmarked'}")
+    assert not trainer.args.assistant_only_loss and "the loss covers every turn" in ctx.start_notes[0]
