@@ -200,8 +200,10 @@ def run(argv: list[str]) -> int:
     args = parse_args(argv)
     import logging
 
-    # Before anything imports bitsandbytes (see quiet_known_noise).
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Before anything imports bitsandbytes (see quiet_known_noise); with HF_HUB_OFFLINE=1 (what ftlaunch's own
+    # errors advise) the `kernels` package it loads warns that it skips a publisher check it cannot make offline.
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     cfg = load_recipe(args.recipe, args.config, args.overrides)
     env = DistEnv.from_env(args.local_rank)
     from launcher.dist import refuse_bare_srun_tasks
