@@ -93,6 +93,7 @@ def _states(ctx: "_Context", stage: int, offload: str, hpz: bool):
     load = 0.0
     e = mem.ELEMENT_BYTES[ctx.precision]
     for m in ctx.models:
+        m_stage, m_offload = (0, "none") if m.replicated else (stage, offload)  # the recipe's own copy
         param_bytes, state_bytes = 4, ctx.state_bytes  # adapters and DeepSpeed's masters: fp32
         if single_process and not m.is_lora and m.trainable:
             param_bytes = _load_bytes(ctx, True)
@@ -100,34 +101,34 @@ def _states(ctx: "_Context", stage: int, offload: str, hpz: bool):
             param_bytes = ctx.request.quantized_adapter_bytes
         if param_bytes != 4:
             state_bytes = mem.optimizer_state_bytes(ctx.request.optimizer, param_bytes)
-        if ctx.fp32_embedding_states(m, stage, offload):
+        if ctx.fp32_embedding_states(m, m_stage, m_offload):
             state_bytes = mem.with_embedding_states(state_bytes, ctx.request.optimizer, m.trainable,
                                                     m.shape.vocab * m.shape.hidden)
         s = mem.model_states(trainable=m.trainable, frozen_bytes=m.frozen_bytes, precision=ctx.precision,
-                             state_bytes=state_bytes, param_bytes=param_bytes, zero_stage=stage, dp=ctx.dp,
-                             offload_optimizer=offload != "none", offload_param=offload == "all",
-                             largest_layer=m.shape.largest_layer_params if stage == 3 else 0,
+                             state_bytes=state_bytes, param_bytes=param_bytes, zero_stage=m_stage, dp=ctx.dp,
+                             offload_optimizer=m_offload != "none", offload_param=m_offload == "all",
+                             largest_layer=m.shape.largest_layer_params if m_stage == 3 else 0,
                              gathered=mem.zero3_gathered_bytes(m.trainable * e + m.frozen_bytes,
                                                                m.shape.largest_layer_params, e,
-                                                               backward=m.trainable > 0) if stage == 3 else None,
+                                                               backward=m.trainable > 0) if m_stage == 3 else None,
                              step_temp_bytes=mem.optimizer_step_temp_bytes(ctx.request.optimizer)
                              if (not single_process or ctx.inventory.device == "cuda") else 0.0,
                              deepspeed=not single_process)
-        if hpz and stage == 3:  # ZeRO++ keeps a secondary 16-bit copy partitioned within the node
+        if hpz and m_stage == 3:  # ZeRO++ keeps a secondary 16-bit copy partitioned within the node
             s.weights += (m.trainable * 2 + m.frozen_bytes) / ctx.inventory.ranks_per_node
         total = total + s
-        load += mem.load_bytes_per_rank(m.shape.num_params, stage, m.quantized,
+        load += mem.load_bytes_per_rank(m.shape.num_params, m_stage, m.quantized,
                                         _load_bytes(ctx, single_process and m.trainable and not m.is_lora))
         # Frozen models follow TRL's prepare_deepspeed: ZeRO-3 inference (partitioned) under stage 3, else a
         # replicated copy per rank; the search over stages is what picks whichever fits.
-        placement = "partitioned" if stage == 3 else ("replicated" if not m.trainable else
-                                                      f"ZeRO-{stage}" if stage else "replicated (DDP)")
+        placement = "partitioned" if m_stage == 3 else ("replicated" if not m.trainable else
+                                                      f"ZeRO-{m_stage}" if m_stage else "replicated (DDP)")
         per_model[m.role] = {"name": m.shape.name, "params": m.shape.num_params, "trainable_params": m.trainable,
                              "quantized": m.quantized, "placement": placement,
                              "weights": int(s.weights), "gradients": int(s.gradients), "optimizer": int(s.optimizer),
                              "host": int(s.host)}
         if m.is_lora:
-            per_model[m.role]["frozen_base"] = "partitioned (ZeRO-3)" if stage == 3 else "replicated"
+            per_model[m.role]["frozen_base"] = "partitioned (ZeRO-3)" if m_stage == 3 else "replicated"
     if any(x.role == "reference" for x in ctx.request.extra_models) and ctx.request.method != "full":
         per_model["reference"] = {"name": ctx.shape.name, "placement": "policy with adapter disabled",
                                   "params": 0, "trainable_params": 0, "weights": 0, "gradients": 0, "optimizer": 0,

@@ -23,6 +23,9 @@ class ExtraModel:
     shape: ModelShape
     trainable: bool = False
     quantized: bool = False
+    # a whole copy on every rank whatever the stage: a model the recipe runs itself (GRPO's reward model behind a
+    # reward function), which DeepSpeed never sees; TRL's own frozen models follow the stage (prepare_deepspeed)
+    replicated: bool = False
 
 
 @dataclass

@@ -36,6 +36,7 @@ class _Model:
     frozen_bytes: float
     quantized: bool
     is_lora: bool
+    replicated: bool = False  # ExtraModel.replicated
 
 
 @dataclass
@@ -131,7 +132,8 @@ def _models(request: PlanRequest, shape: ModelShape, e: int) -> list[_Model]:
             out.append(_Model(extra.role, s, s.num_params, 0, 0.0, False, False))
         else:
             out.append(_Model(extra.role, s, 0, s.num_params,
-                              mem.frozen_weight_bytes(s, s.num_params, e, extra.quantized), extra.quantized, False))
+                              mem.frozen_weight_bytes(s, s.num_params, e, extra.quantized), extra.quantized, False,
+                              extra.replicated))
     return out
 
 

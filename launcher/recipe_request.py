@@ -75,8 +75,12 @@ def request_from_recipe(cfg) -> PlanRequest:
     reference = ExtraModel("reference", shape, trainable=False, quantized=method == "qlora")
     if cfg.method == "dpo":
         request.extra_models.append(reference)
-    elif cfg.method == "grpo" and grpo_beta(cfg) > 0:
-        request.extra_models.append(reference)
+    elif cfg.method == "grpo":
+        if grpo_beta(cfg) > 0:
+            request.extra_models.append(reference)
+        for name in grpo_reward_models(cfg):  # run by a reward function on every rank, outside DeepSpeed
+            reward = _side_shape(name, shape, "reward", notes)
+            request.extra_models.append(ExtraModel("reward", replace(reward, score_head=True), replicated=True))
     elif cfg.method == "ppo":
         ppo = _section(cfg, "ppo")
         reward = _side_shape(ppo.get("reward_model"), shape, "reward", notes)
@@ -110,6 +114,13 @@ def generated_tokens(cfg) -> int:
 def grpo_beta(cfg) -> float:
     """GRPO's KL coefficient, default 0 (TRL's): above 0 a reference model is loaded, which the planner counts."""
     return float(_section(cfg, "grpo").get("beta", 0.0) or 0.0)
+
+
+def grpo_reward_models(cfg) -> list[str]:
+    """The grpo.reward entries that are models (a directory or hub id), not reward functions (bare names)."""
+    names = _section(cfg, "grpo").get("reward", "arith")
+    names = names if isinstance(names, list) else [names]
+    return [n for n in names if isinstance(n, str) and ("/" in n or n.startswith((".", "~")))]
 
 
 def _section(cfg, name: str) -> dict:

@@ -134,12 +134,12 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 32) -> lis
     return scores
 
 
-def reward_model_function(path: str, tokenizer, field: str = "grpo.reward") -> Callable:
+def reward_model_function(path: str, tokenizer, field: str = "grpo.reward", dtype=None) -> Callable:
     """A trained reward model as a GRPO reward function, scoring exactly the text layout the model was trained on
     (TRL's built-in string-path reward models tokenise without bos/eos, which a tiny reward model never saw)."""
     with loading(field, path):
         source = path if is_hub_id(path) else full_model_dir(path, field)
-        model = load_scorer_model(source, pad_token_id=tokenizer.pad_token_id)
+        model = load_scorer_model(source, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
 
     def reward_model(prompts, completions, **kwargs) -> list[float]:
         texts = [synthetic.last_user_text(p) + synthetic.text_of(c) for p, c in zip(prompts, completions)]
@@ -149,10 +149,11 @@ def reward_model_function(path: str, tokenizer, field: str = "grpo.reward") -> C
     return reward_model
 
 
-def resolve(name_or_path: str, tokenizer, field: str = "grpo.reward") -> Callable:
-    """`grpo.reward`: a registered function name, or a reward model directory."""
+def resolve(name_or_path: str, tokenizer, field: str = "grpo.reward", dtype=None) -> Callable:
+    """`grpo.reward`: a registered function name, or a reward model directory (loaded in `dtype`: the plan's,
+    which counts a whole copy per rank)."""
     if name_or_path not in REWARDS and (looks_like_path(name_or_path) or is_hub_id(name_or_path)):
-        return reward_model_function(name_or_path, tokenizer, field)
+        return reward_model_function(name_or_path, tokenizer, field, dtype)
     return reward_function(name_or_path, field)
 
 

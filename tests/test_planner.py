@@ -531,6 +531,18 @@ def test_request_from_recipe_dpo_and_ppo():
     assert set(p.models) == {"policy", "reference", "reward", "value"}
 
 
+def test_grpo_reward_models_are_a_whole_copy_per_rank():
+    """GRPO's reward model runs inside a reward function, outside DeepSpeed: every rank holds all of it, even where
+    ZeRO-3 partitions the policy; reward functions by name cost nothing."""
+    assert not request_from_recipe(_cfg("grpo", extra={"grpo": {"reward": "arith"}})).extra_models
+    request = request_from_recipe(_cfg("grpo", extra={"grpo": {"reward": ["arith", "runs/rm_not_trained_yet"]}}))
+    assert [(m.role, m.replicated) for m in request.extra_models] == [("reward", True)]
+    p = plan(replace(request, zero_stage=3), parse_spec("8xA100-80GB"))
+    reward = p.models["reward"]
+    assert reward["placement"] == "replicated" and reward["weights"] >= 2 * reward["params"]  # bf16, not / 8 ranks
+    assert p.models["policy"]["placement"] == "partitioned"
+
+
 def test_tied_embedding_gradients_at_the_end_of_backward():
     """One process, no accumulation: the peak is the start of backward (activations + the head's gradient) or its
     end (every gradient; a tied embedding's two contributions and their sum coexist, traced on qwen2.5-0.5b)."""
