@@ -348,8 +348,11 @@ def detect_inventory(spec: Optional[str] = None, env: Mapping[str, str] = os.env
     nodes_env = env.get("SLURM_JOB_NUM_NODES", "").strip()
     if nodes_env.isdigit() and env.get("SLURM_JOB_ID"):
         gpus = slurm_gpus_per_node(env) or 0
-        hostnames = expand_nodelist(env.get("SLURM_JOB_NODELIST", "")) if env.get("SLURM_JOB_NODELIST") else []
         notes = []
+        try:  # host names are for display only: a list this parser cannot read must not stop a run
+            hostnames = expand_nodelist(env.get("SLURM_JOB_NODELIST", "")) if env.get("SLURM_JOB_NODELIST") else []
+        except UserError as e:
+            hostnames, notes = [], [f"host names not shown: {e}"]
         if gpus and gpu is None:
             notes.append("Slurm grants GPUs but NVML sees none on this node; pass --inventory to plan")
             gpu = GpuInfo("unknown", 0, None, (0, 0))

@@ -29,7 +29,7 @@ DEFAULT_OUTPUT = "slurm/%x-%j.out"
 DEFAULT_TIME = "04:00:00"
 DEFAULT_MAX_REQUEUES = 20
 CPUS_PER_GPU = 8
-BASE_PORT, PORT_RANGE = 20000, 20000
+BASE_PORT, PORT_RANGE = 20000, 12000  # 20000-31999: below Linux's ephemeral ports (32768+), which clients take
 
 _TIME_RE = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d{1,2})(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{1,2}))?)?"
                       r"|(?P<a>\d+)(?::(?P<b>\d{1,2})(?::(?P<c>\d{1,2}))?)?)$")

@@ -166,6 +166,9 @@ def test_slurm_without_gpus_is_cpu_ranks(monkeypatch):
     monkeypatch.setattr(inv, "probe_gpus", lambda env=None: [])
     result = detect_inventory(env={"SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "c[1-2]"})
     assert (result.device, result.nodes, result.ranks_per_node) == ("cpu", 2, 1)
+    # a node list this parser cannot read only loses the host names (they are for display)
+    odd = detect_inventory(env={"SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "c[1-"})
+    assert (odd.nodes, odd.hostnames) == (2, []) and "host names not shown" in odd.notes[0]
 
 
 def test_hostfile_inventory(monkeypatch, tmp_path):
