@@ -83,16 +83,20 @@ def readable_weights(path: Path) -> None:
         file.chmod(0o666 & ~umask)
 
 
+def flush_to_disk(path: Path) -> None:
+    """fsync every file and directory under `path`. A node's own writes may sit in its page cache (Lustre keeps them
+    past close), so each node flushes before rank 0 writes the marker, not rank 0 alone."""
+    for root, dirs, files in os.walk(path):
+        for name in files + dirs:
+            _fsync_path(Path(root) / name)
+    _fsync_path(Path(path))
+
+
 def mark_complete(path: Path, info: dict | None = None) -> None:
     """Flush every file of the checkpoint to disk, then write the marker atomically (tmp + fsync + rename)."""
     path = Path(path)
     readable_weights(path)
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            _fsync_path(Path(root) / name)
-        for name in dirs:
-            _fsync_path(Path(root) / name)
-    _fsync_path(path)
+    flush_to_disk(path)
     tmp = path / (MARKER + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"step": step_of(path), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}, f)

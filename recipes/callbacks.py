@@ -3,13 +3,15 @@ checkpoint committer and final-step stop that make checkpoints safe to resume fr
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from launcher.checkpoints import AlreadyTrained, mark_complete, newest_complete_checkpoint, rotate, unmark
+from launcher.checkpoints import (AlreadyTrained, flush_to_disk, mark_complete, newest_complete_checkpoint, rotate,
+                                  unmark)
 from launcher.preempt import barrier
 
 
@@ -158,6 +160,8 @@ class CheckpointCommitter(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not state.is_world_process_zero and os.environ.get("LOCAL_RANK", "0") == "0" and path.is_dir():
+            flush_to_disk(path)  # another node's shards: on disk before rank 0 marks them complete
         barrier()  # every rank's shard is written
         if state.is_world_process_zero and path.is_dir():
             ds = args.deepspeed if isinstance(args.deepspeed, dict) else {}
