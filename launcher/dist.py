@@ -27,7 +27,6 @@ class DistEnv:
                    world_size=int(os.environ.get("WORLD_SIZE", 1)), launched=launched)
 
 
-
 def join_process_group(env: DistEnv) -> None:
     """Every launched rank joins the process group first, before it plans: the ranks agree on what they measured
     (`agree_on_inventory`) so that they plan alike, and ZeRO-3's zero.Init (inside from_pretrained) sizes its
@@ -56,13 +55,13 @@ def agree_on_inventory(inventory):
         return inventory
     from dataclasses import replace
 
-    from launcher.inventory import _slowest
+    from launcher.inventory import slowest_gpu
 
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, inventory)
     least = lambda name: min((v for v in (getattr(i, name) for i in every) if v is not None), default=None)  # noqa
     gpus = [i.gpu for i in every if i.gpu is not None]
-    agreed = replace(inventory, gpu=_slowest(gpus) if gpus else None, host_ram_bytes=least("host_ram_bytes"),
+    agreed = replace(inventory, gpu=slowest_gpu(gpus) if gpus else None, host_ram_bytes=least("host_ram_bytes"),
                      host_free_bytes=least("host_free_bytes"), shm_bytes=least("shm_bytes"),
                      cpu_count=least("cpu_count"), notes=list(inventory.notes))
     if agreed.capacity_per_rank != inventory.capacity_per_rank or agreed.host_free_bytes != inventory.host_free_bytes:

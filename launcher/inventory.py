@@ -313,7 +313,7 @@ def probe_host() -> tuple[Optional[int], Optional[int], Optional[int], int]:
     return total, available, shm, cpus
 
 
-def _slowest(gpus: list[GpuInfo]) -> Optional[GpuInfo]:
+def slowest_gpu(gpus: list[GpuInfo]) -> Optional[GpuInfo]:
     """Plan for the weakest local GPU: the smallest free memory and the oldest capability bound every rank."""
     if not gpus:
         return None
@@ -343,7 +343,7 @@ def detect_inventory(spec: Optional[str] = None, env: Mapping[str, str] = os.env
     total, available, shm, cpus = probe_host()
     host = dict(host_ram_bytes=total, host_free_bytes=available, shm_bytes=shm, cpu_count=cpus)
     local = probe_gpus(env)
-    gpu = _slowest(local)
+    gpu = slowest_gpu(local)
     inventory = None
     nodes_env = env.get("SLURM_JOB_NUM_NODES", "").strip()
     if nodes_env.isdigit() and env.get("SLURM_JOB_ID"):

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import load_recipe, to_yaml_dict
-from launcher.dist import DistEnv, join_process_group, leave_process_group
+from launcher.dist import (DistEnv, agree_on_inventory, join_process_group, leave_process_group,
+                           refuse_bare_srun_tasks)
 from launcher.errors import ArgParser, PlanDoesNotFit, UserError, writable_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -206,8 +207,6 @@ def run(argv: list[str]) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     cfg = load_recipe(args.recipe, args.config, args.overrides)
     env = DistEnv.from_env(args.local_rank)
-    from launcher.dist import refuse_bare_srun_tasks
-
     refuse_bare_srun_tasks(env)
     inputs = plan_inputs(cfg, env)
     make_plan(cfg, env, inputs)  # bad input (a batch the ranks cannot split, nothing fits) fails alone, at once
@@ -234,7 +233,6 @@ def run(argv: list[str]) -> int:
 
 def prepare(cfg, env: DistEnv, args, inputs: PlanInputs) -> RunContext:
     """The plan and DeepSpeed config, planned alike on every rank from what the ranks measured together."""
-    from launcher.dist import agree_on_inventory
     from launcher.ds_config import deepspeed_config, gradient_clipping
 
     inputs.inventory = agree_on_inventory(inputs.inventory)
