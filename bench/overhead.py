@@ -58,7 +58,7 @@ def plain_trl(a) -> int:
     data = load_dataset("json", data_files=a.data, split="train")
     args = SFTConfig(
         output_dir=a.output_dir, seed=42, data_seed=42, max_steps=a.steps, max_length=32, packing=False,
-        per_device_train_batch_size=a.micro_batch, per_device_eval_batch_size=max(a.micro_batch, 8),
+        per_device_train_batch_size=a.micro_batch, per_device_eval_batch_size=a.micro_batch,
         gradient_accumulation_steps=a.accumulation, gradient_checkpointing=a.checkpointing,
         bf16=a.precision == "bf16", fp16=a.precision == "fp16", use_cpu=not torch.cuda.is_available(),
         learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=20, logging_steps=20, logging_first_step=True,
