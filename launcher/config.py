@@ -32,6 +32,9 @@ class ModelConfig:
     trust_remote_code: bool = False  # never on unless the recipe says so
     attn_implementation: Optional[str] = "sdpa"
     tokenizer: Optional[str] = None  # defaults to the model's own
+    # for a tokenizer without a chat template (a base model's) and chat data: a .jinja file, or a tokenizer (hub id or
+    # directory) whose template to take, e.g. the model's -chat/-Instruct variant; a tokenizer's own template wins
+    chat_template: Optional[str] = None
 
 
 @dataclass

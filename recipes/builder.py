@@ -93,6 +93,23 @@ def _packaged_aliases() -> tuple:
         return ()
 
 
+def chat_template_from(source: str) -> str:
+    """`model.chat_template`: the text of a .jinja file, or the chat template of another tokenizer."""
+    from transformers import AutoTokenizer
+
+    if source.endswith(".jinja"):
+        try:
+            return Path(source).expanduser().read_text()
+        except OSError as e:
+            raise UserError(f"model.chat_template: cannot read {source} ({e.strerror})") from None
+    with loading("model.chat_template", source):
+        template = AutoTokenizer.from_pretrained(source).chat_template
+    if not template:
+        raise UserError(f"model.chat_template: {source}'s tokenizer has no chat template either; give a -chat/-Instruct "
+                        f"model's tokenizer or a .jinja file")
+    return template
+
+
 @contextlib.contextmanager
 def loading(field: str, name: str):
     """A model or tokenizer that cannot be loaded (a hub id with no network and no cached copy, a gated or misspelt
@@ -112,6 +129,8 @@ def load_tokenizer(cfg, path: str, padding_side: str = "right"):
     source = cfg.model.tokenizer or path
     with loading("model.tokenizer" if cfg.model.tokenizer else "model.name", cfg.model.tokenizer or cfg.model.name):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.chat_template is None and cfg.model.chat_template:
+        tokenizer.chat_template = chat_template_from(cfg.model.chat_template)
     if tokenizer.pad_token is None:
         # not eos where the vocabulary has another spare token (Llama's <unk>): TRL's PPO ends a response at its first
         # pad and masks that token out of the loss, so with pad = eos the policy never learns to stop; every stage
@@ -323,7 +342,7 @@ def merge_adapter(adapter_dir, dtype=None, base: str = "dequantized", auto_class
             kwargs.setdefault("num_labels", labels)
     auto_class = auto_class or AutoModelForCausalLM
     quant = trained_in_4bit(adapter_dir) if base == "dequantized" else None
-    compute = dtype or stored_dtype(base_path, load_kwargs.get("trust_remote_code", False))
+    compute = dtype or stored_dtype(base_path)
     config = bnb_4bit_config(quant.get("quant_type", "nf4"), quant.get("double_quant", True), compute) if quant else None
     model = from_pretrained(auto_class, base_path, config, **kwargs)
     if config is not None:
@@ -333,14 +352,14 @@ def merge_adapter(adapter_dir, dtype=None, base: str = "dequantized", auto_class
     return merged, str(tokenizer_dir)
 
 
-def stored_dtype(path: str, trust_remote_code: bool = False):
-    """The dtype a model's config says its weights are stored in (float32 when it does not say)."""
+def stored_dtype(path: str):
+    """The dtype a model's config says its weights are stored in (float32 when it does not say); read from the raw
+    config, so a custom-code model needs no trust_remote_code for it."""
     import torch
-    from transformers import AutoConfig
+    from transformers import PretrainedConfig
 
-    dtype = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
+    config, _ = PretrainedConfig.get_config_dict(path)
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or ""), None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 

@@ -93,9 +93,9 @@ def load_inputs(ctx, kind: str, path: str, padding_side: str = "right", too_long
         if "chat_template is not set" not in str(e):
             raise
         source = ctx.cfg.model.tokenizer or ctx.cfg.model.name
-        raise UserError(f"model.tokenizer: the data is chat (lists of role/content messages) and {source}'s tokenizer "
-                        f"has no chat template; set model.tokenizer to a chat tokenizer with the same vocabulary (e.g. "
-                        f"the model's -chat/-Instruct variant), or give plain-text data") from None
+        raise UserError(f"model.chat_template: the data is chat (lists of role/content messages) and {source}'s "
+                        f"tokenizer has no chat template; set model.chat_template to the model's -chat/-Instruct "
+                        f"variant (its template is taken) or a .jinja file, or give plain-text data") from None
     ctx.stats.update(bundle.stats)
     cfg = ctx.cfg
     if bundle.stats.get("longest") and not cfg.data.packing:  # packing fills rows up to max_length

@@ -258,7 +258,6 @@ def test_builder_passes_trust_remote_code_from_config_only():
     assert "trust_remote_code=True" not in "".join(p.read_text() for p in _our_python_files())
 
 
-
 def test_a_rank_exit_runs_the_exit_handlers_flushes_and_keeps_its_code(tmp_path):
     """launcher/run.py ends a rank with exit_rank (no interpreter teardown): what a normal exit does must still happen."""
     marker = tmp_path / "atexit"

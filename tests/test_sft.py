@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,9 +165,10 @@ def test_load_dtype_of_a_one_process_full_finetune():
     assert torch_dtype(cfg, engine, trained_full=True) == torch.float16  # DeepSpeed keeps fp32 masters itself
 
 
-def test_chat_data_with_a_tokenizer_without_template_is_one_line(tmp_path, capsys):
+def test_chat_data_needs_a_template_and_model_chat_template_gives_one(tmp_path, capsys):
     """A base model's tokenizer (Llama-2-7b-hf, Mistral-7B-v0.1) has no chat template: chat rows then fail inside
-    transformers; ftlaunch names model.tokenizer and the fix instead, exit 2, nothing written."""
+    transformers; ftlaunch names model.chat_template and the fix instead, exit 2, nothing written. With it set (a
+    tokenizer to take the template from, or a .jinja file), the run trains and saves the template with its tokenizer."""
     from transformers import AutoTokenizer
 
     from recipes import builder
@@ -181,8 +183,17 @@ def test_chat_data_with_a_tokenizer_without_template_is_one_line(tmp_path, capsy
     rc = run_inprocess("run", "--recipe", "sft_tiny", f"output_dir={out}", f"data.source={tmp_path / 'chat.jsonl'}",
                        f"model.tokenizer={tmp_path / 'base_tokenizer'}", "training.max_steps=1")
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ftlaunch")]
-    assert rc == 2 and len(err) == 1 and "model.tokenizer: the data is chat" in err[0], err
+    assert rc == 2 and len(err) == 1 and "model.chat_template: the data is chat" in err[0], err
     assert not out.exists()
+    # model.chat_template fills the gap: another tokenizer's template, or a .jinja file
+    template = AutoTokenizer.from_pretrained(builder.tiny_model_dir(None, seed=0)).chat_template
+    (tmp_path / "chat.jinja").write_text(template)
+    for source in (builder.tiny_model_dir(None, seed=0), tmp_path / "chat.jinja"):
+        rc = run_inprocess("run", "--recipe", "sft_tiny", f"output_dir={out}", f"data.source={tmp_path / 'chat.jsonl'}",
+                           f"model.tokenizer={tmp_path / 'base_tokenizer'}", f"model.chat_template={source}",
+                           "training.max_steps=1", "eval.num_examples=0", "--resume", "never")
+        assert rc == 0 and AutoTokenizer.from_pretrained(out).chat_template == template
+        shutil.rmtree(out)
 
 
 def test_chat_rows_train_on_the_assistant_turns(tmp_path):
