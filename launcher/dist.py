@@ -70,13 +70,26 @@ def agree_on_inventory(inventory):
     return agreed
 
 
+def rank0s(value):
+    """Rank 0's `value` on every rank (what only rank 0 found out, e.g. that output_dir is taken); `value` itself
+    without a process group of more than one rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def refuse_bare_srun_tasks(env: DistEnv, environ=os.environ) -> None:
     """`srun --ntasks-per-node=G python launcher/run.py` without a launcher would start G separate one-process runs
     that all write one output_dir; ftlaunch's Slurm scripts start one task per node that runs torchrun."""
     from launcher.errors import UserError
 
-    tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
-    if not env.launched and environ.get("SLURM_STEP_ID") is not None and tasks.isdigit() and int(tasks) > 1:
+    tasks = environ.get("SLURM_STEP_NUM_TASKS") or "1"  # srun sets it in each task of its step
+    interactive = environ.get("SLURM_PTY_PORT") is not None  # `srun --pty bash` in an allocation of many tasks
+    if not env.launched and not interactive and tasks.isdigit() and int(tasks) > 1:
         raise UserError(f"this is one of {tasks} srun tasks, but no launcher started it (no LOCAL_RANK): each "
                         f"would train alone; run one task per node that starts the node's ranks (`srun "
                         f"--ntasks-per-node=1 python -m torch.distributed.run ... launcher/run.py`, what `ftlaunch "

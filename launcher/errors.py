@@ -51,18 +51,35 @@ class ArgParser(argparse.ArgumentParser):
 def writable_dir(path, field: str) -> Path | None:
     """Create directory `path` if needed and prove it writable, or raise a UserError naming `field` (directories
     created here for the probe are removed again). Returns the outermost directory created here (`path` or one of
-    its parents), None if `path` existed: what to remove if the command is refused later."""
+    its parents), None if `path` existed: what `remove_created` takes back if the command is refused later."""
+    import tempfile
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{field}: {path} exists and is not a directory; choose another {field}")
     created = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
-    probe = path / f".ftlaunch-write-test-{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".ftlaunch-write-test-", dir=path)  # unique across nodes' pid spaces
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
-        if created is not None and created.is_dir():
-            shutil.rmtree(created, ignore_errors=True)
+        remove_created(path, created)
         raise UserError(f"{field}: cannot write to {path} ({e.strerror or e}); choose a writable {field}") from None
     return created
+
+
+def remove_created(path, created: Path | None) -> None:
+    """Take back what `writable_dir` made: `path` with its contents, then each parent up to `created` while it is
+    empty (another run may have started in a sibling meanwhile: its directory, and their common parent, stay)."""
+    if created is None:
+        return
+    path, created = Path(path), Path(created)
+    shutil.rmtree(path, ignore_errors=True)
+    for parent in path.parents:
+        if parent != created and created not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break

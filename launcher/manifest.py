@@ -80,35 +80,58 @@ LOCK_FILE = ".ftlaunch-run.lock"
 _held: list = []  # the open lock file: the lock lasts as long as this process, however it ends
 
 
-def hold_output_dir(output_dir: Path) -> None:
-    """Rank 0 takes `output_dir` for this run (an exclusive flock), or refuses (UserError) while another live run
-    holds it: two jobs of one recipe (a sweep submitted twice) would resume each other's checkpoints and rotate and
-    delete each other's. The lock dies with its process, so a crashed or requeued run never leaves it stale. Where
-    the file system has no locks (some Lustre mounts) the run goes on unguarded."""
+# A network file system keeps a dead node's lock until its lease ends (NFSv4 ~90 s, Lustre eviction ~100 s or more):
+# this same job, requeued after its node died, waits that long for its own old lock before going on without one.
+OWN_STALE_LOCK_SECONDS = 180
+
+
+def hold_output_dir(output_dir: Path, own_stale_s: float = OWN_STALE_LOCK_SECONDS) -> str | None:
+    """Rank 0 takes `output_dir` for this run (an exclusive flock), or returns why not: another live run holds it
+    (two jobs of one recipe, a sweep submitted twice, would resume each other's checkpoints and rotate and delete
+    each other's). The caller has every rank raise that, as only rank 0 knows. The lock dies with its process, so a
+    crashed or requeued run leaves none behind on a local disk. Where the file system has no locks (some Lustre
+    mounts) the run goes on unguarded."""
     import fcntl
     import socket
 
-    from launcher.errors import UserError
-
     path = Path(output_dir) / LOCK_FILE
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise UserError(f"output_dir: {output_dir} is in use by a run that is still going ({holder}); give another "
-                        f"output_dir, or wait for that run to end") from None
-    except OSError:
-        return  # no locking here: nothing to hold
     job = os.environ.get("SLURM_JOB_ID")
+    deadline = time.time() + own_stale_s
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            if job and f", Slurm job {job}," in holder:
+                if time.time() < deadline:
+                    time.sleep(min(10.0, own_stale_s))
+                    continue
+                print(f"ftlaunch: warning: {output_dir} is still locked by this job's previous start ({holder}), "
+                      f"whose node is gone; going on without the lock", file=sys.stderr, flush=True)
+                return None
+            return (f"output_dir: {output_dir} is in use by a run that is still going ({holder}); give another "
+                    f"output_dir, or wait for that run to end")
+        except OSError:
+            handle.close()
+            return None  # no locking here: nothing to hold
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(handle.fileno()).st_ino:  # its holder released and removed it meanwhile: lock anew
+            handle.close()
+            continue
+        break
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}{f', Slurm job {job}' if job else ''}, since "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     handle.flush()
     _held.append(handle)
+    return None
 
 
 def release_output_dir() -> None:

@@ -67,7 +67,9 @@ class PlanRequest:
     # TRL's SFT/DPO/GRPO/reward trainers (1.12) convert the adapters of a 4-bit model to bf16 (QLoRA paper, §3)
     quantized_adapter_bytes: int = 4
     notes: list = field(default_factory=list)
-    kept: tuple = ()  # pins ftlaunch set itself (a run's second plan keeps the first's stage and offload), not the user
+    # pins ftlaunch set itself, not the user: a run's second plan keeps the first's stage and offload, a resuming run
+    # its checkpoint's stage (a note says which)
+    kept: tuple = ()
 
 
 @dataclass

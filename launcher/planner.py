@@ -324,7 +324,7 @@ def plan(request: PlanRequest, inventory: Inventory, shape: Optional[ModelShape]
     pins = {k: getattr(request, k) for k in ("zero_stage", "offload", "micro_batch_size", "gradient_checkpointing")
             if getattr(request, k) is not None}
     for label, chosen_by in (("pinned", lambda k: k not in request.kept),
-                             ("kept from the plan for data.max_length", lambda k: k in request.kept)):
+                             ("kept, not pinned (see above)", lambda k: k in request.kept)):
         named = [f"plan.{k}={v}" for k, v in pins.items() if chosen_by(k)]
         if named:
             reasons.append(f"{label}: " + ", ".join(named))

@@ -116,11 +116,15 @@ def grpo_beta(cfg) -> float:
     return float(_section(cfg, "grpo").get("beta", 0.0) or 0.0)
 
 
+# recipes/rewards.py's REWARDS, by name (this module stays free of the recipes' imports; a test keeps them equal)
+REWARD_FUNCTIONS = ("arith", "exact", "digits")
+
+
 def grpo_reward_models(cfg) -> list[str]:
-    """The grpo.reward entries that are models (a directory or hub id), not reward functions (bare names)."""
+    """The grpo.reward entries that are models (a directory or hub id), not reward functions."""
     names = _section(cfg, "grpo").get("reward", "arith")
     names = names if isinstance(names, list) else [names]
-    return [n for n in names if isinstance(n, str) and ("/" in n or n.startswith((".", "~")))]
+    return [n for n in names if isinstance(n, str) and n not in REWARD_FUNCTIONS]
 
 
 def _section(cfg, name: str) -> dict:

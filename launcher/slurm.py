@@ -175,7 +175,10 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
         sb.append(f"--account={account}")
     if constraint:
         sb.append(f"--constraint={constraint}")
-    sb += [f"--output={output}", "--open-mode=append", f"--signal=B:USR1@{signal_seconds}", "--requeue"]
+    if not resumes:  # a requeue would only start it again from scratch
+        max_requeues = 0
+    sb += [f"--output={output}", "--open-mode=append", f"--signal=B:USR1@{signal_seconds}"]
+    sb += ["--requeue"] if resumes else []
     if workdir:
         sb.append(f"--chdir={workdir}")
 
@@ -199,8 +202,11 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
              "# One thread per rank unless told otherwise (ranks x threads must not oversubscribe the cores).",
              "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
              "# torchrun SIGKILLs its ranks 30 s after it gets a TERM (preemption with GraceTime, scancel): give them",
-             "# the warning window to finish their checkpoint instead.",
-             f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{signal_seconds}}}",
+             "# time to finish their checkpoint (not more: after a rank crashes the others wait this long too).",
+             f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{min(signal_seconds, 120)}}}",
+             "# Rank 0 writes why the run stopped here (`preempted`: a checkpoint to resume from); read after the step.",
+             'export FTLAUNCH_EXIT_FILE="$PWD/slurm/.ftl-$SLURM_JOB_ID.exit"',
+             'rm -f "$FTLAUNCH_EXIT_FILE"',
              "# Slurm >= 22.05: srun does not inherit --cpus-per-task from sbatch by itself.",
              "export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}",
              "# NCCL on GPU clusters (see slurm/README.md), e.g.:",
@@ -261,15 +267,20 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
               '    rc=0; wait "$step_pid" || rc=$?',
               '    kill -0 "$step_pid" 2>/dev/null || break',
               "done",
-              "# the step may have ended just as a signal interrupted `wait`: bash kept its status",
-              'rc=0; wait "$step_pid" || rc=$?',
+              "# the step may have ended just as a signal interrupted `wait` (rc 128+signal): bash kept its status",
+              'if [ "$rc" -gt 128 ]; then rc=0; wait "$step_pid" || rc=$?; fi',
+              'stopped=$(cat "$FTLAUNCH_EXIT_FILE" 2>/dev/null || true); rm -f "$FTLAUNCH_EXIT_FILE"',
               "",
               'if [ "$rc" -eq 0 ]; then echo "ftlaunch: training finished"; exit 0; fi',
               'if [ "$requeued" -eq 1 ]; then echo "ftlaunch: stopped at the time limit (rc $rc); requeued"; exit 0; fi',
               'if [ "$terminated" -eq 1 ]; then echo "ftlaunch: job terminated (rc $rc); not requeueing"; '
               'exit "$rc"; fi',
-              "# Requeue only after our own warning: srun reports 143 too when it kills a node's task because",
-              "# another failed, and torchrun reports any rank failure as 1, so exit codes alone cannot tell.",
+              "# Requeue only for a checkpoint taken after our own warning: srun reports 143 too when it kills a node's",
+              "# task because another failed, and torchrun reports any rank failure as 1, so exit codes cannot tell.",
+              'if [ "$warned" -eq 1 ] && [ "$stopped" != preempted ]; then',
+              '    echo "ftlaunch: the run ended after the warning without a checkpoint to resume (exit code $rc); not requeueing" >&2',
+              '    exit "$rc"',
+              "fi",
               'if [ "$warned" -eq 1 ]; then',
               '    if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then',
               '        echo "ftlaunch: stopped for preemption, but already requeued $MAX_REQUEUES times; giving up" >&2',

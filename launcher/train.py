@@ -9,16 +9,15 @@ import argparse
 import importlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import load_recipe, to_yaml_dict
-from launcher.dist import (DistEnv, agree_on_inventory, join_process_group, leave_process_group,
+from launcher.dist import (DistEnv, agree_on_inventory, join_process_group, leave_process_group, rank0s,
                            refuse_bare_srun_tasks)
-from launcher.errors import ArgParser, PlanDoesNotFit, UserError, writable_dir
+from launcher.errors import ArgParser, PlanDoesNotFit, UserError, remove_created, writable_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = Path(os.environ.get("FTLAUNCH_DS_CONFIG_DIR", REPO_ROOT / "ds_configs"))
@@ -64,10 +63,11 @@ class RunContext:
             return
         first, request = self.plan, self.planned_from.request
         note = (f"seq_len {request.seq_len - cut}: the data's longest row is {longest} tokens, under data.max_length "
-                f"{self.cfg.data.max_length} (micro-batches are padded to their longest row)")
+                f"{self.cfg.data.max_length} (micro-batches are padded to their longest row); ZeRO stage and offload "
+                f"as planned for data.max_length")
         request = replace(request, seq_len=request.seq_len - cut, zero_stage=first.zero_stage, offload=first.offload,
                           notes=[*request.notes, note],
-                          kept=tuple(k for k in ("zero_stage", "offload") if getattr(request, k) is None))
+                          kept=(*request.kept, *(k for k in ("zero_stage", "offload") if getattr(request, k) is None)))
         fitted = plan_memory(request, self.planned_from.inventory)
         if not fitted.fits:  # shorter sequences never need more memory; keep the first plan if they somehow do
             return
@@ -105,6 +105,20 @@ def plan_inputs(cfg, env: DistEnv) -> PlanInputs:
     return PlanInputs(request, detect_inventory(spec=None, env=env_vars))
 
 
+def tell_sbatch_script(why: str) -> None:
+    """Rank 0 leaves why the run stopped where the sbatch script looks (FTLAUNCH_EXIT_FILE): it requeues only on
+    `preempted`, as exit codes through srun and torchrun cannot tell a preemption checkpoint from a failure."""
+    target = os.environ.get("FTLAUNCH_EXIT_FILE")
+    if not target:
+        return
+    try:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(why)
+    except OSError as e:
+        print(f"ftlaunch: warning: cannot write {target} ({e.strerror}); the job will not be requeued",
+              file=sys.stderr, flush=True)
+
+
 def keep_checkpoint_stage(request, output_dir, resume: str) -> None:
     """A run resuming a DeepSpeed checkpoint plans for the ZeRO stage that wrote it (DeepSpeed loads a checkpoint
     only into that stage), unless the recipe pins one: a requeued job on nodes with less free memory would
@@ -113,7 +127,7 @@ def keep_checkpoint_stage(request, output_dir, resume: str) -> None:
 
     kept = resume_zero_stage(Path(output_dir), resume) if request.zero_stage is None else None
     if kept is not None:
-        request.zero_stage = kept[0]
+        request.zero_stage, request.kept = kept[0], (*request.kept, "zero_stage")
         request.notes.append(f"plan.zero_stage={kept[0]}: the stage that wrote {kept[1]}, which this run resumes")
 
 
@@ -128,11 +142,20 @@ def make_plan(cfg, env: DistEnv, inputs: PlanInputs | None = None):
 
 
 def evaluate(evaluator, when: str):
-    """Rank 0 scores a freshly loaded copy of the model, alone: not a ZeRO-3 collective."""
+    """Rank 0 scores a freshly loaded copy of the model, alone: not a ZeRO-3 collective. Its GPU memory goes back to
+    the device afterwards, not only to torch's cache: NCCL and other allocations outside torch need it too."""
+    import gc
+
+    import torch
+
     from recipes.builder import outside_zero3
 
     with outside_zero3():
-        return evaluator(when)
+        result = evaluator(when)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
 
 
 def quiet_known_noise(verbose: bool) -> None:
@@ -217,12 +240,14 @@ def run(argv: list[str]) -> int:
     try:
         ctx = prepare(cfg, env, args, inputs)
         created = writable_dir(ctx.output_dir, "output_dir")  # a file, a read-only place: one line now
-        if env.is_main:  # one live run per output_dir
-            hold_output_dir(ctx.output_dir)
+        taken = rank0s(hold_output_dir(ctx.output_dir) if env.is_main else None)  # one live run per output_dir
+        if taken:
+            created = None  # not ours to remove: the run holding it may have made it a moment before this one
+            raise UserError(taken)
         code = _run(ctx, importlib.import_module(f"recipes.{cfg.method}"), args, argv)  # one module per method
     except (UserError, PlanDoesNotFit):
-        if env.is_main and created is not None:  # nothing half-written
-            shutil.rmtree(created, ignore_errors=True)
+        if env.is_main:  # nothing half-written
+            remove_created(ctx.output_dir, created)
         leave_process_group()  # raised by our own checks, between collectives: keeps its one line and exit code
         raise
     finally:
@@ -236,7 +261,7 @@ def prepare(cfg, env: DistEnv, args, inputs: PlanInputs) -> RunContext:
     from launcher.ds_config import deepspeed_config, gradient_clipping
 
     inputs.inventory = agree_on_inventory(inputs.inventory)
-    if env.launched:
+    if env.launched and getattr(importlib.import_module(f"recipes.{cfg.method}"), "RESUMES", True):
         keep_checkpoint_stage(inputs.request, cfg.output_dir, args.resume)
     plan = make_plan(cfg, env, inputs)
     ds = deepspeed_config(plan, gradient_clipping(cfg)) if env.launched else None
@@ -340,6 +365,7 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
 
         if env.is_main:
             update_manifest(out, status="preempted", step=trainer.state.global_step)
+            tell_sbatch_script("preempted")
             print(f"ftlaunch: preempted at step {trainer.state.global_step}; checkpoint saved, exiting for requeue")
         barrier()  # no rank exits (and gets rank 0 killed by srun) before the manifest says preempted
         return PREEMPTED_EXIT_CODE

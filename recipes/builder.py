@@ -136,7 +136,8 @@ def load_tokenizer(cfg, path: str, padding_side: str = "right"):
         # pad and masks that token out of the loss, so with pad = eos the policy never learns to stop; every stage
         # loads its tokenizer here, so the reward model scores the same last token PPO's rollouts end on
         spare = tokenizer.unk_token
-        tokenizer.pad_token = spare if spare is not None and spare != tokenizer.eos_token else tokenizer.eos_token
+        usable = spare is not None and spare not in (tokenizer.eos_token, tokenizer.bos_token)
+        tokenizer.pad_token = spare if usable else tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
 

@@ -93,9 +93,9 @@ def _ppo_trainer_class():
             # a diverged step, a preemption warning), at the step's end, on every rank alike (both decide globally)
             handler, step_end = self.callback_handler, self.callback_handler.on_step_end
 
-            def on_step_end(*args, **kwargs):
-                control = step_end(*args, **kwargs)
-                if control.should_training_stop:
+            def on_step_end(args, state, control):
+                control = step_end(args, state, control)
+                if control.should_training_stop and state.global_step < state.max_steps:  # the last step ends anyway
                     raise _LeaveLoop
                 return control
 
@@ -107,8 +107,8 @@ def _ppo_trainer_class():
                       f"training again from the start instead of {resume_from_checkpoint}", file=sys.stderr)
             try:
                 super().train()
-            except _LeaveLoop:
-                pass
+            except _LeaveLoop:  # what TRL's loop does after its last step: the callbacks' train end
+                self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
             return None
 
         def save_model(self, output_dir=None, _internal_call=False):

@@ -197,7 +197,7 @@ def test_plan_fitted_to_the_longest_row_keeps_stage_and_config_in_step(recipe, s
     assert (fitted.zero_stage, fitted.micro_batch_size, fitted.gradient_checkpointing) == after
     assert fitted.seq_len == 512 and fitted.fits and any("longest row is 512 tokens" in r for r in fitted.reasons)
     # the recipe pinned nothing: the reasons say the stage was kept, not that the user pinned it
-    assert f"kept from the plan for data.max_length: plan.zero_stage={before[0]}, plan.offload=none" in fitted.reasons
+    assert f"kept, not pinned (see above): plan.zero_stage={before[0]}, plan.offload=none" in fitted.reasons
     assert not any(r.startswith("pinned:") for r in fitted.reasons)
     # faster than the first plan's choices would run these rows
     kept = estimate(dataclasses.replace(request, seq_len=512), inventory, request.shape, zero_stage=first.zero_stage,

@@ -535,6 +535,10 @@ def test_grpo_reward_models_are_a_whole_copy_per_rank():
     """GRPO's reward model runs inside a reward function, outside DeepSpeed: every rank holds all of it, even where
     ZeRO-3 partitions the policy; reward functions by name cost nothing."""
     assert not request_from_recipe(_cfg("grpo", extra={"grpo": {"reward": "arith"}})).extra_models
+    from launcher.recipe_request import REWARD_FUNCTIONS
+    from recipes.rewards import REWARDS
+
+    assert set(REWARD_FUNCTIONS) == set(REWARDS)  # a bare directory name (grpo.reward: rm_out) is a model to both
     request = request_from_recipe(_cfg("grpo", extra={"grpo": {"reward": ["arith", "runs/rm_not_trained_yet"]}}))
     assert [(m.role, m.replicated) for m in request.extra_models] == [("reward", True)]
     p = plan(replace(request, zero_stage=3), parse_spec("8xA100-80GB"))

@@ -3,6 +3,7 @@ secrets in the output directory)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -122,6 +123,14 @@ def test_a_refused_run_removes_only_what_it_created(tmp_path, capsys):
     bad = [f"data.source={tmp_path / 'missing.jsonl'}", *TINY]
     assert run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={tmp_path / 'a' / 'b' / 'out'}", *bad) == 2
     assert not (tmp_path / "a").exists()
+    # a parent it created that another run has started in meanwhile stays, with that run's directory
+    other = tmp_path / "a" / "b" / "other"
+    from launcher.errors import remove_created, writable_dir
+
+    created = writable_dir(tmp_path / "a" / "b" / "out", "output_dir")
+    other.mkdir()
+    remove_created(tmp_path / "a" / "b" / "out", created)
+    assert other.is_dir() and not (tmp_path / "a" / "b" / "out").exists()
     (tmp_path / "mine").mkdir()
     assert run_inprocess("run", "--recipe", "lora_tiny", f"output_dir={tmp_path / 'mine'}", *bad) == 2
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
@@ -143,6 +152,17 @@ def test_one_live_run_per_output_dir(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "is in use by a run that is still going (pid" in err and "job 4242" in err, err
         assert out.is_dir() and not (out / "manifest.json").exists()
+        # the same Slurm job, requeued after its node died: a network file system may still hold the old start's
+        # lock for a while; it waits that long for it, then goes on (in-process: no lock taken, a warning said)
+        from launcher.manifest import hold_output_dir, release_output_dir
+
+        os.environ["SLURM_JOB_ID"] = "4242"
+        try:
+            assert hold_output_dir(out, own_stale_s=0.3) is None
+            assert "still locked by this job's previous start" in capsys.readouterr().err
+        finally:
+            del os.environ["SLURM_JOB_ID"]
+            release_output_dir()
     finally:
         holder.kill()
         holder.wait()

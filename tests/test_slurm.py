@@ -123,9 +123,15 @@ def test_paths_typed_outside_the_checkout_still_hold_in_the_job(tmp_path, monkey
 
 
 FAKE_SRUN = """#!/bin/bash
-# a training step that takes its checkpoint too slowly: it notes the signals it gets and only a TERM ends it
+# a training step: on the warning it saves too slowly (only a TERM ends it), or stops with a checkpoint as rank 0
+# does (FAKE=preempt: writes `preempted` where the script reads it, exit 143), or has diverged (FAKE=diverge: exit 1)
 echo started >> "$LOG"
-trap 'echo step-USR1 >> "$LOG"' USR1
+on_usr1() {
+    echo step-USR1 >> "$LOG"
+    if [ "$FAKE" = preempt ]; then echo -n preempted > "$FTLAUNCH_EXIT_FILE"; exit 143; fi
+    if [ "$FAKE" = diverge ]; then exit 1; fi
+}
+trap on_usr1 USR1
 trap 'echo step-TERM >> "$LOG"; exit 143' TERM
 while :; do sleep 0.1; done
 """
@@ -136,7 +142,7 @@ exit 0
 """
 
 
-def _run_script_with_fake_slurm(tmp_path, signals):
+def _run_script_with_fake_slurm(tmp_path, signals, fake="slow", recipe="lora_tiny"):
     """The rendered one-GPU script, run by bash with fake srun/scontrol on PATH; `signals`: what Slurm sends, in
     order, to (B:) the batch shell and the step. Returns (exit code, the fakes' log lines, the script's output)."""
     import os
@@ -146,12 +152,13 @@ def _run_script_with_fake_slurm(tmp_path, signals):
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (tmp_path / "bin" / name).write_text(text)
         (tmp_path / "bin" / name).chmod(0o755)
-    (tmp_path / "launcher").mkdir()
+    for part in ("launcher", "slurm"):
+        (tmp_path / part).mkdir()
     (tmp_path / "launcher" / "run.py").write_text("")
-    (tmp_path / "job.sh").write_text(render_sbatch("lora_tiny", 1, 1, "10", workdir=None, validate=False))
+    (tmp_path / "job.sh").write_text(render_sbatch(recipe, 1, 1, "10", workdir=None, validate=recipe != "lora_tiny"))
     log = tmp_path / "log"
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", LOG=str(log), SLURM_JOB_ID="7",
-               SLURM_JOB_NODELIST="n1", SLURM_RESTART_COUNT="0")
+               SLURM_JOB_NODELIST="n1", SLURM_RESTART_COUNT="0", FAKE=fake)
     job = subprocess.Popen(["bash", "job.sh"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     deadline = time.time() + 20
@@ -179,6 +186,23 @@ def test_time_limit_after_the_warning_requeues_at_once(tmp_path):
     assert not any("requeue" in line for line in log) and rc == 143 and "not requeueing" in out, (log, out)
 
 
+def test_after_the_warning_only_a_preemption_checkpoint_is_requeued(tmp_path):
+    """The step stops after the warning: requeued when rank 0 says it saved a checkpoint to resume from; not when
+    the run diverged at that step (a requeue would only diverge again), nor for PPO (it cannot resume: its script
+    never requeues)."""
+    import signal as sig
+
+    rc, log, out = _run_script_with_fake_slurm(tmp_path / "p", [("batch", sig.SIGUSR1)], fake="preempt")
+    assert rc == 0 and "scontrol requeue 7" in log and "requeueing job 7 to resume" in out, (log, out)
+    assert not list((tmp_path / "p" / "slurm").iterdir()), "the exit file is read and removed"
+    rc, log, out = _run_script_with_fake_slurm(tmp_path / "d", [("batch", sig.SIGUSR1)], fake="diverge")
+    assert rc == 1 and not any("requeue" in line for line in log) and "without a checkpoint to resume" in out
+    rc, log, out = _run_script_with_fake_slurm(tmp_path / "ppo", [("batch", sig.SIGUSR1), ("batch", sig.SIGTERM),
+                                                                   ("step", sig.SIGTERM)], recipe="ppo_tiny")
+    assert not any("requeue" in line for line in log) and "MAX_REQUEUES=0" in (tmp_path / "ppo" / "job.sh").read_text()
+    assert "#SBATCH --requeue" not in (tmp_path / "ppo" / "job.sh").read_text()
+
+
 def test_srun_tasks_without_a_launcher_are_refused():
     """`srun --ntasks-per-node=8 python launcher/run.py` would start 8 one-process runs writing one output_dir."""
     from launcher.dist import DistEnv, refuse_bare_srun_tasks
@@ -189,6 +213,7 @@ def test_srun_tasks_without_a_launcher_are_refused():
     refuse_bare_srun_tasks(DistEnv(), {**step, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "16"})  # srun -n 1
     refuse_bare_srun_tasks(DistEnv(world_size=16, launched=True), {**step, "SLURM_STEP_NUM_TASKS": "2"})  # torchrun
     refuse_bare_srun_tasks(DistEnv(), {"SLURM_NTASKS": "8", "SLURM_JOB_ID": "9"})  # the batch shell, not a step
+    refuse_bare_srun_tasks(DistEnv(), {**step, "SLURM_STEP_NUM_TASKS": "8", "SLURM_PTY_PORT": "40000"})  # --pty bash
 
 
 def test_cli_exit_code_for_bad_input(capsys):
