@@ -138,11 +138,12 @@ while :; do sleep 0.1; done
 FAKE_SCONTROL = """#!/bin/bash
 echo "scontrol $*" >> "$LOG"
 [ "$1" = show ] && echo n1
+[ "$2 $3" = "show job" ] && echo "JobId=7 JobState=COMPLETING Reason=$REASON"
 exit 0
 """
 
 
-def _run_script_with_fake_slurm(tmp_path, signals, fake="slow", recipe="lora_tiny"):
+def _run_script_with_fake_slurm(tmp_path, signals, fake="slow", recipe="lora_tiny", reason="TimeLimit"):
     """The rendered one-GPU script, run by bash with fake srun/scontrol on PATH; `signals`: what Slurm sends, in
     order, to (B:) the batch shell and the step. Returns (exit code, the fakes' log lines, the script's output)."""
     import os
@@ -158,7 +159,7 @@ def _run_script_with_fake_slurm(tmp_path, signals, fake="slow", recipe="lora_tin
     (tmp_path / "job.sh").write_text(render_sbatch(recipe, 1, 1, "10", workdir=None, validate=recipe != "lora_tiny"))
     log = tmp_path / "log"
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", LOG=str(log), SLURM_JOB_ID="7",
-               SLURM_JOB_NODELIST="n1", SLURM_RESTART_COUNT="0", FAKE=fake)
+               SLURM_JOB_NODELIST="n1", SLURM_RESTART_COUNT="0", FAKE=fake, REASON=reason)
     job = subprocess.Popen(["bash", "job.sh"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     deadline = time.time() + 20
@@ -175,7 +176,7 @@ def _run_script_with_fake_slurm(tmp_path, signals, fake="slow", recipe="lora_tin
 def test_time_limit_after_the_warning_requeues_at_once(tmp_path):
     """USR1 (the warning), then the time limit's TERM while the ranks still save: the batch shell requeues the job
     then, as Slurm kills it soon after (a requeue during the time-limit kill was tried on the test cluster: the job
-    restarts); a TERM without a warning (scancel) does not requeue."""
+    restarts); a TERM without a warning, or a scancel after it (Reason not TimeLimit), does not requeue."""
     import signal as sig
 
     rc, log, out = _run_script_with_fake_slurm(tmp_path, [("batch", sig.SIGUSR1), ("batch", sig.SIGTERM),
@@ -184,6 +185,10 @@ def test_time_limit_after_the_warning_requeues_at_once(tmp_path):
     assert rc == 0 and "requeueing job 7 now" in out, out
     rc, log, out = _run_script_with_fake_slurm(tmp_path / "cancel", [("batch", sig.SIGTERM), ("step", sig.SIGTERM)])
     assert not any("requeue" in line for line in log) and rc == 143 and "not requeueing" in out, (log, out)
+    # a scancel after the warning: TERM too, but the job's Reason is not TimeLimit
+    rc, log, out = _run_script_with_fake_slurm(tmp_path / "late_cancel", [("batch", sig.SIGUSR1), ("batch", sig.SIGTERM),
+                                                                           ("step", sig.SIGTERM)], reason="None")
+    assert not any("requeue " in line for line in log) and rc == 143 and "not requeueing" in out, (log, out)
 
 
 def test_after_the_warning_only_a_preemption_checkpoint_is_requeued(tmp_path):
