@@ -329,3 +329,26 @@ def to_yaml_dict(cfg: RecipeConfig) -> dict:
     out.pop("name", None)
     out.update(out.pop("method_args") or {})
     return out
+
+
+# Override keys whose values are local paths (data.source may be a list of them): a job started elsewhere (the
+# sbatch scripts run in the checkout) needs them absolute.
+PATH_KEYS = ("data.source", "data.path", "data.eval_source", "output_dir", "model.name", "model.tokenizer",
+             "model.chat_template", "ppo.reward_model", "ppo.value_model", "grpo.reward")
+
+
+def absolute_path(text: str) -> str:
+    return text if text.startswith(("/", "~")) else str(Path.cwd() / text)
+
+
+def absolute_path_override(item: str) -> str:
+    """`key=relative/path` -> `key=/abs/path` for path keys: output_dir always, other paths when they exist here
+    (a hub id or a reward name stays as typed)."""
+    key, _, value = item.partition("=")
+    if key not in PATH_KEYS:
+        return item
+    parsed = parse_scalar(value)
+    is_path = lambda v: isinstance(v, str) and v and (key == "output_dir" or Path(v).exists())  # noqa: E731
+    if isinstance(parsed, list) and all(isinstance(v, str) for v in parsed) and any(is_path(v) for v in parsed):
+        return f"{key}=[{', '.join(absolute_path(v) if is_path(v) else v for v in parsed)}]"
+    return f"{key}={absolute_path(value)}" if is_path(parsed) and parsed == value else item  # else: as typed

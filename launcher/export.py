@@ -22,7 +22,7 @@ PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")  # peft types t
 def merge_adapter(run_dir: Path, out_dir: Path, dtype: str = "auto", base: str = "dequantized") -> Path:
     import torch
 
-    from recipes.builder import merge_adapter as merged_model, save_merged
+    from recipes.merge import merge_adapter as merged_model, save_merged
 
     model, tokenizer_dir = merged_model(run_dir, getattr(torch, DTYPES[dtype]) if dtype in DTYPES else None, base)
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -65,7 +65,7 @@ def cmd_export(argv: list[str]) -> int:
         raise UserError(f"export: {out} already exists; remove it or pass --out elsewhere")
     writable_dir(out.parent, "--out")  # before the merge, which takes minutes
     _check_base(run_dir, adapter_cfg.get("base_model_name_or_path"))
-    from recipes.builder import trained_in_4bit
+    from recipes.merge import trained_in_4bit
 
     written = json.loads((merge_adapter(run_dir, out, args.dtype, args.base) / "config.json").read_text())
     model_dtype = written.get("dtype") or written.get("torch_dtype")

@@ -93,7 +93,7 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
 
     gpus_per_node=0 runs one CPU rank per node (gloo; CPU clusters and the tests). `workdir="auto"` pins the job's
     working directory to this checkout (`#SBATCH --chdir=...`); None leaves it to sbatch (the submit directory).
-    Under "auto", a --config and the path overrides (PATH_KEYS) typed relative to another directory are written as
+    Under "auto", a --config and the path overrides (config.PATH_KEYS) typed relative to another directory are written as
     absolute paths; paths inside a --config file are read relative to the checkout, as `ftlaunch run` there would.
     `python` is the interpreter on the nodes (default: this one). `validate` loads the recipe with the overrides,
     so typos fail here rather than in the queue. Raises UserError on bad arguments.
@@ -141,8 +141,10 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
         workdir = str(REPO_ROOT)
         if Path.cwd().resolve() != REPO_ROOT:  # the job starts in the checkout: paths typed here must still hold
             config = str(Path(config).resolve()) if config else None
-            overrides = [_absolute(item) for item in overrides]
-            output = output if output == DEFAULT_OUTPUT else _absolute_path(output)
+            from launcher.config import absolute_path, absolute_path_override
+
+            overrides = [absolute_path_override(item) for item in overrides]
+            output = output if output == DEFAULT_OUTPUT else absolute_path(output)
     if workdir is not None and not _SAFE_PATH.match(workdir):
         raise UserError(f"working directory '{workdir}': spaces and $ are not supported in #SBATCH --chdir")
     if exclusive is None:  # whole GPU nodes for multi-node runs; never for CPU ranks (it would grant all GRES)
@@ -296,30 +298,6 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
               'exit "$rc"',
               ""]
     return "\n".join(lines)
-
-
-# Override keys whose values are local paths (data.source may be a list of them).
-PATH_KEYS = ("data.source", "data.path", "data.eval_source", "output_dir", "model.name", "model.tokenizer",
-             "ppo.reward_model", "ppo.value_model", "grpo.reward")
-
-
-def _absolute_path(text: str) -> str:
-    return text if text.startswith(("/", "~")) else str(Path.cwd() / text)
-
-
-def _absolute(item: str) -> str:
-    """`key=relative/path` -> `key=/abs/path` for path keys: output_dir always, other paths when they exist here
-    (a hub id or a reward name stays as typed)."""
-    from launcher.config import parse_scalar
-
-    key, _, value = item.partition("=")
-    if key not in PATH_KEYS:
-        return item
-    parsed = parse_scalar(value)
-    is_path = lambda v: isinstance(v, str) and v and (key == "output_dir" or Path(v).exists())  # noqa: E731
-    if isinstance(parsed, list) and all(isinstance(v, str) for v in parsed) and any(is_path(v) for v in parsed):
-        return f"{key}=[{', '.join(_absolute_path(v) if is_path(v) else v for v in parsed)}]"
-    return f"{key}={_absolute_path(value)}" if is_path(parsed) and parsed == value else item  # else: as typed
 
 
 def _cli_args(recipe, config, nodes, gpus, time, partition, output) -> list[str]:

@@ -17,7 +17,8 @@ from typing import Callable
 from launcher.config import RUNS_DIR
 from launcher.errors import UserError
 from recipes import synthetic
-from recipes.builder import is_adapter_dir, loading, merged_dir, on_local_gpu
+from recipes.builder import loading, on_local_gpu
+from recipes.merge import is_adapter_dir, merged_dir
 from recipes.load_checks import new_head_expected
 
 

@@ -39,7 +39,7 @@ def _adapter_model(run_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from recipes.builder import trained_in_4bit
+    from recipes.merge import trained_in_4bit
 
     base_path = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     quant = trained_in_4bit(run_dir)

@@ -89,7 +89,7 @@ def test_cache_builds_leave_the_global_rng_alone(tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recipes import builder
+    from recipes import builder, merge
 
     monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(1234)
@@ -101,7 +101,7 @@ def test_cache_builds_leave_the_global_rng_alone(tmp_path, monkeypatch):
                    ).save_pretrained(adapter)
     AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
     before = torch.random.get_rng_state()
-    merged = builder.merged_dir(adapter)  # PEFT initialises the adapter layers before loading their weights
+    merged = merge.merged_dir(adapter)  # PEFT initialises the adapter layers before loading their weights
     assert (merged / "config.json").is_file() and torch.equal(before, torch.random.get_rng_state())
 
 
