@@ -199,7 +199,8 @@ def classification_evaluator(ctx, rows, base_path: str, tokenizer, num_labels: i
 
         model = rewards.load_scorer_model(base_path if when == "before" else str(ctx.output_dir),
                                           dtype=builder.torch_dtype(cfg, plan), pad_token_id=tokenizer.pad_token_id,
-                                          num_labels=num_labels, seed=cfg.seed if when == "before" else None)
+                                          num_labels=num_labels, seed=cfg.seed if when == "before" else None,
+                                          trust_remote_code=cfg.model.trust_remote_code)
         preds = []
         side, tokenizer.padding_side = tokenizer.padding_side, "right"
         try:

@@ -34,7 +34,8 @@ def build(ctx):
     plan = ctx.plan  # fitted to the data by load_inputs
     if bundle.stats.get("truncated"):
         bundle.train = cut_prompts(bundle.train, tokenizer, cfg.data.max_length)
-    reward_fns = {n: rewards.resolve(n, tokenizer, "grpo.reward", builder.torch_dtype(cfg, plan)) for n in names}
+    reward_fns = {n: rewards.resolve(n, tokenizer, "grpo.reward", builder.torch_dtype(cfg, plan),
+                                     cfg.model.trust_remote_code) for n in names}
 
     num_generations = int(section.get("num_generations", 4))
     global_batch = plan.micro_batch_size * plan.gradient_accumulation_steps * ctx.env.world_size

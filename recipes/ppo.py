@@ -260,7 +260,8 @@ def ppo_evaluator(ctx, trainer, rows: list[dict], path: str, reward_path: str, t
     def scorer(prompts, completions):
         if "model" not in cache:
             cache["model"] = rewards.load_scorer_model(reward_path, dtype=builder.torch_dtype(cfg, plan),
-                                                       pad_token_id=tokenizer.pad_token_id)
+                                                       pad_token_id=tokenizer.pad_token_id,
+                                                       trust_remote_code=cfg.model.trust_remote_code)
         return rewards.score_texts(cache["model"], tokenizer, [p + c for p, c in zip(prompts, completions)])
 
     reward_fns = {"arith": rewards.REWARDS["arith"]} if rows and "answer" in rows[0] else {}

@@ -88,7 +88,8 @@ def full_model_dir(value: str, field: str, auto_class=None, **load_kwargs) -> st
     return str(merged_dir(path, auto_class, every_rank=True, **load_kwargs) if is_adapter_dir(path) else path)
 
 
-def load_scorer_model(path: str, dtype=None, pad_token_id=None, num_labels: int = 1, seed=None):
+def load_scorer_model(path: str, dtype=None, pad_token_id=None, num_labels: int = 1, seed=None,
+                      trust_remote_code: bool = False):
     """A sequence-classification model (a reward model has one output), plain (not a PeftModel), in eval mode; an
     adapter dir is merged into its base first. With `seed`, a head the checkpoint lacks is initialised from it, so
     a "before" score (base + fresh head) is repeatable without touching the global RNG."""
@@ -97,7 +98,7 @@ def load_scorer_model(path: str, dtype=None, pad_token_id=None, num_labels: int 
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {"num_labels": num_labels}
+    kwargs = {"num_labels": num_labels, "trust_remote_code": trust_remote_code}  # the recipe's model.trust_remote_code
     if dtype is not None:
         kwargs["dtype"] = dtype
     if is_adapter_dir(path):
@@ -135,12 +136,14 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 32) -> lis
     return scores
 
 
-def reward_model_function(path: str, tokenizer, field: str = "grpo.reward", dtype=None) -> Callable:
+def reward_model_function(path: str, tokenizer, field: str = "grpo.reward", dtype=None,
+                          trust_remote_code: bool = False) -> Callable:
     """A trained reward model as a GRPO reward function, scoring exactly the text layout the model was trained on
     (TRL's built-in string-path reward models tokenise without bos/eos, which a tiny reward model never saw)."""
     with loading(field, path):
         source = path if is_hub_id(path) else full_model_dir(path, field)
-        model = load_scorer_model(source, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
+        model = load_scorer_model(source, dtype=dtype, pad_token_id=tokenizer.pad_token_id,
+                                  trust_remote_code=trust_remote_code)
 
     def reward_model(prompts, completions, **kwargs) -> list[float]:
         texts = [synthetic.last_user_text(p) + synthetic.text_of(c) for p, c in zip(prompts, completions)]
@@ -150,11 +153,12 @@ def reward_model_function(path: str, tokenizer, field: str = "grpo.reward", dtyp
     return reward_model
 
 
-def resolve(name_or_path: str, tokenizer, field: str = "grpo.reward", dtype=None) -> Callable:
+def resolve(name_or_path: str, tokenizer, field: str = "grpo.reward", dtype=None,
+            trust_remote_code: bool = False) -> Callable:
     """`grpo.reward`: a registered function name, or a reward model directory (loaded in `dtype`: the plan's,
     which counts a whole copy per rank)."""
     if name_or_path not in REWARDS and (looks_like_path(name_or_path) or is_hub_id(name_or_path)):
-        return reward_model_function(name_or_path, tokenizer, field, dtype)
+        return reward_model_function(name_or_path, tokenizer, field, dtype, trust_remote_code)
     return reward_function(name_or_path, field)
 
 

@@ -62,7 +62,8 @@ def pairwise_evaluator(ctx, rows: list[dict], base_path: str, tokenizer):
         # before: the base with a fresh head, seeded, so "before" is chance level, repeatably
         model = rewards.load_scorer_model(base_path if when == "before" else str(ctx.output_dir),
                                           dtype=builder.torch_dtype(cfg, plan), pad_token_id=tokenizer.pad_token_id,
-                                          seed=cfg.seed if when == "before" else None)
+                                          seed=cfg.seed if when == "before" else None,
+                                          trust_remote_code=cfg.model.trust_remote_code)
         result = rewards.pairwise_accuracy(model, tokenizer, rows)
         del model
         return result
