@@ -169,6 +169,10 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
+# recipes/rewards.py's REWARDS, by name (config checks and the planner stay free of the recipes' imports; a test keeps
+# them equal): any other grpo.reward is a reward model
+REWARD_FUNCTIONS = ("arith", "exact", "digits")
+
 # The values of each method section's keys (launcher/config.py lists the keys), checked when the recipe loads: so
 # `plan`, `slurm` and `pipeline --dry-run` refuse what `run` would otherwise fail on, often only mid-run.
 METHOD_SECTION_RULES: dict[str, dict[str, Rule]] = {
@@ -181,8 +185,8 @@ METHOD_SECTION_RULES: dict[str, dict[str, Rule]] = {
             "cliprange": POSITIVE, "cliprange_value": POSITIVE, "vf_coef": NON_NEGATIVE, "gamma": FRACTION,
             "lam": FRACTION, "whiten_rewards": Rule("true or false", lambda v: isinstance(v, bool))},
     "dpo": {"beta": POSITIVE, "loss_type": _one_of(*DPO_LOSS_TYPES, nullable=True, as_list=True)},
-    "grpo": {"reward": Rule("a reward function name (arith, exact, digits) or a reward model directory, or a list of "
-                            "them", _names),
+    "grpo": {"reward": Rule(f"a reward function name ({', '.join(REWARD_FUNCTIONS)}) or a reward model directory, or "
+                            "a list of them", _names),
              "reward_weights": Rule("a list of numbers, one per reward",
                                     lambda v: isinstance(v, list) and all(_number(w) for w in v), nullable=True),
              "num_generations": _at_least(2), "max_completion_length": POSITIVE_INT,

@@ -44,6 +44,13 @@ def join_process_group(env: DistEnv) -> None:
     release_cpu_allreduce_buffer(env.rank)
 
 
+def _ranks() -> int:
+    """Ranks in this process group (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def agree_on_inventory(inventory):
     """The inventory every rank plans from: each rank's own measurements (free GPU memory, the node's available
     host RAM, /dev/shm, cores), the tightest of them all. Measured live, they differ between ranks and nodes, and
@@ -51,7 +58,7 @@ def agree_on_inventory(inventory):
     their first collective. A no-op without a process group of more than one rank."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _ranks() == 1:
         return inventory
     from dataclasses import replace
 
@@ -75,7 +82,7 @@ def rank0s(value):
     without a process group of more than one rank."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _ranks() == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)

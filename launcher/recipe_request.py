@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
+from launcher.config_checks import REWARD_FUNCTIONS
 from launcher.errors import UserError
 from launcher.memory import DPO_LOGIT_BYTES, GRPO_LOGIT_BYTES, SFT_LOSS_CHUNK_TOKENS
 from launcher.planner import ExtraModel, PlanRequest
@@ -114,10 +115,6 @@ def generated_tokens(cfg) -> int:
 def grpo_beta(cfg) -> float:
     """GRPO's KL coefficient, default 0 (TRL's): above 0 a reference model is loaded, which the planner counts."""
     return float(_section(cfg, "grpo").get("beta", 0.0) or 0.0)
-
-
-# recipes/rewards.py's REWARDS, by name (this module stays free of the recipes' imports; a test keeps them equal)
-REWARD_FUNCTIONS = ("arith", "exact", "digits")
 
 
 def grpo_reward_models(cfg) -> list[str]:

@@ -129,14 +129,12 @@ def render_sbatch(recipe: Optional[str], nodes: int = 1, gpus_per_node: int = 1,
             raise UserError(f"override '{item}': expected dotted key=value, e.g. training.max_steps=100")
     resumes = True
     if validate:  # UserError with did-you-mean on typos, now rather than after the job has queued
-        import importlib
-
         from launcher.config import load_recipe
         from recipes import common
 
         cfg = load_recipe(recipe, config, overrides)
         common.check_training_section(cfg)  # imports TRL (~5 s)
-        resumes = getattr(importlib.import_module(f"recipes.{cfg.method}"), "RESUMES", True)
+        resumes = common.resumes(cfg.method)
     if workdir == "auto":
         workdir = str(REPO_ROOT)
         if Path.cwd().resolve() != REPO_ROOT:  # the job starts in the checkout: paths typed here must still hold

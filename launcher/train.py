@@ -6,7 +6,6 @@ files. Side effects live here; the planning core it calls is pure.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -232,22 +231,24 @@ def run(argv: list[str]) -> int:
     env = DistEnv.from_env(args.local_rank)
     refuse_bare_srun_tasks(env)
     inputs = plan_inputs(cfg, env)
-    make_plan(cfg, env, inputs)  # bad input (a batch the ranks cannot split, nothing fits) fails alone, at once
+    plan = make_plan(cfg, env, inputs)  # bad input (a batch the ranks cannot split, nothing fits) fails alone, at once
     join_process_group(env)
     from launcher.manifest import hold_output_dir, release_output_dir
+    from recipes.common import method_module
 
-    created = None
+    module = method_module(cfg.method)
+    out, created = Path(cfg.output_dir), None
     try:
-        ctx = prepare(cfg, env, args, inputs)
-        created = writable_dir(ctx.output_dir, "output_dir")  # a file, a read-only place: one line now
-        taken = rank0s(hold_output_dir(ctx.output_dir) if env.is_main else None)  # one live run per output_dir
+        ctx = prepare(cfg, env, args, inputs, plan)
+        created = writable_dir(out, "output_dir")  # a file, a read-only place: one line now
+        taken = rank0s(hold_output_dir(out) if env.is_main else None)  # one live run per output_dir
         if taken:
             created = None  # not ours to remove: the run holding it may have made it a moment before this one
             raise UserError(taken)
-        code = _run(ctx, importlib.import_module(f"recipes.{cfg.method}"), args, argv)  # one module per method
+        code = _run(ctx, module, args, argv)
     except (UserError, PlanDoesNotFit):
         if env.is_main:  # nothing half-written
-            remove_created(ctx.output_dir, created)
+            remove_created(out, created)
         leave_process_group()  # raised by our own checks, between collectives: keeps its one line and exit code
         raise
     finally:
@@ -256,14 +257,17 @@ def run(argv: list[str]) -> int:
     return code
 
 
-def prepare(cfg, env: DistEnv, args, inputs: PlanInputs) -> RunContext:
-    """The plan and DeepSpeed config, planned alike on every rank from what the ranks measured together."""
+def prepare(cfg, env: DistEnv, args, inputs: PlanInputs, plan) -> RunContext:
+    """The plan and DeepSpeed config. Launched ranks plan again, alike, from what they measured together (and a
+    resuming run for its checkpoint's stage); one process keeps `plan`, made from the same inputs."""
     from launcher.ds_config import deepspeed_config, gradient_clipping
+    from recipes.common import resumes
 
-    inputs.inventory = agree_on_inventory(inputs.inventory)
-    if env.launched and getattr(importlib.import_module(f"recipes.{cfg.method}"), "RESUMES", True):
-        keep_checkpoint_stage(inputs.request, cfg.output_dir, args.resume)
-    plan = make_plan(cfg, env, inputs)
+    if env.launched:
+        inputs.inventory = agree_on_inventory(inputs.inventory)
+        if resumes(cfg.method):
+            keep_checkpoint_stage(inputs.request, cfg.output_dir, args.resume)
+        plan = make_plan(cfg, env, inputs)
     ds = deepspeed_config(plan, gradient_clipping(cfg)) if env.launched else None
     ctx = RunContext(cfg=cfg, plan=plan, env=env, ds_config=ds, output_dir=Path(cfg.output_dir), planned_from=inputs)
     if cfg.plan.inventory:  # a recipe's what-if: `ftlaunch plan` uses it, a run has real hardware
@@ -291,10 +295,10 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
     common.seed_everything(ctx.cfg.seed)
     from launcher.checkpoints import choose_resume
 
-    resumes = getattr(module, "RESUMES", True)  # PPO restarts from scratch: nothing of a checkpoint is loaded
-    resume = choose_resume(out, args.resume, to_yaml_dict(ctx.cfg) if resumes else None, env.is_main)
+    can_resume = common.resumes(ctx.cfg.method)  # PPO restarts from scratch: nothing of a checkpoint is loaded
+    resume = choose_resume(out, args.resume, to_yaml_dict(ctx.cfg) if can_resume else None, env.is_main)
     repartition = False
-    if resume is not None and resumes:
+    if resume is not None and can_resume:
         from launcher.checkpoints import check_resumable
 
         repartition = check_resumable(resume, env.world_size, ctx.ds_config is not None, ctx.cfg.training.get("optim"),
@@ -355,7 +359,7 @@ def _run(ctx: RunContext, module, args, argv: list[str]) -> int:
             print(f"ftlaunch: error: {stopped}", file=sys.stderr, flush=True)
         return DIVERGED_EXIT_CODE
     stopped_early = None
-    if preempted and not resumes:  # nothing to requeue for: keep the model so far as the run's result, exit 0
+    if preempted and not can_resume:  # nothing to requeue for: keep the model so far as the run's result, exit 0
         stopped_early = (f"stopped at step {trainer.state.global_step} of {trainer.state.max_steps} by a preemption "
                          f"warning; {ctx.cfg.method} cannot resume (TRL's trainer has no resume), so the model so far "
                          f"is saved as the result; rerun with a longer time limit to train it all")

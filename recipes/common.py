@@ -132,12 +132,22 @@ def check_training_keys(training: dict, config_cls) -> None:
             raise UserError(f"unknown config key 'training.{key}' for {config_cls.__name__}{hint}")
 
 
-def check_training_section(cfg) -> None:
-    """cfg.training's keys against its method's TrainingArguments class (recipes.<method>.ARGS_CLASS; imports TRL)."""
+def method_module(method: str):
+    """recipes.<method>, the one module per method: build(ctx), DATA_KIND, ARGS_CLASS, and RESUMES = False where
+    its trainer cannot resume a checkpoint."""
     import importlib
 
-    module = importlib.import_module(f"recipes.{cfg.method}")
-    check_training_keys(cfg.training, args_class(module.ARGS_CLASS))
+    return importlib.import_module(f"recipes.{method}")
+
+
+def resumes(method: str) -> bool:
+    """Whether `method`'s trainer resumes from a checkpoint (TRL's PPOTrainer does not)."""
+    return getattr(method_module(method), "RESUMES", True)
+
+
+def check_training_section(cfg) -> None:
+    """cfg.training's keys against its method's TrainingArguments class (recipes.<method>.ARGS_CLASS; imports TRL)."""
+    check_training_keys(cfg.training, args_class(method_module(cfg.method).ARGS_CLASS))
 
 
 def make_args(config_cls, kwargs: dict):
